@@ -1,0 +1,84 @@
+"""The one module that talks to torch.distributed.
+
+Everything the teacher needs from the data-parallel group is here: gathering scores, agreeing on a
+selection, and the counts that keep no-grad scoring passes in lockstep. With one rank (or no process
+group) :class:`LocalComm` answers without any collective.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class LocalComm:
+    rank = 0
+    world = 1
+
+    def gather(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(np.asarray(a) for a in arrays)
+
+    def agree(self, value: int, what: str) -> None:
+        return None
+
+    def max_int(self, value: int) -> int:
+        return int(value)
+
+    def barrier(self) -> None:
+        return None
+
+
+class DistComm:
+    """Collectives over a process group (the data-parallel group; default: the world)."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        # NCCL only moves CUDA tensors; gloo only CPU ones.
+        backend = dist.get_backend(group)
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if backend == "nccl" else torch.device("cpu"))
+
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t, group=self.group)
+        return out
+
+    def gather(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Concatenate each 1-D array over all ranks, in rank order (sizes may differ)."""
+        n = torch.tensor([len(arrays[0])], dtype=torch.int64, device=self.device)
+        sizes = [int(s.item()) for s in self._all_gather(n)]
+        longest = max(sizes)
+        result = []
+        for a in arrays:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            padded = torch.zeros(longest, dtype=t.dtype)
+            padded[:len(a)] = t
+            parts = self._all_gather(padded.to(self.device))
+            result.append(np.concatenate([p[:s].cpu().numpy() for p, s in zip(parts, sizes)]))
+        return tuple(result)
+
+    def agree(self, value: int, what: str) -> None:
+        """Raise on every rank if the ranks hold different values (e.g. selection checksums)."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        seen = [int(v.item()) for v in self._all_gather(t)]
+        if len(set(seen)) != 1:
+            raise RuntimeError(f"ranks disagree on {what}: " +
+                               ", ".join(f"rank {r}: {v:#x}" for r, v in enumerate(seen)))
+
+    def max_int(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+
+def make_comm(group: Optional[dist.ProcessGroup] = None) -> LocalComm | DistComm:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        return DistComm(group)
+    return LocalComm()

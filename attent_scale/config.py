@@ -1,0 +1,255 @@
+"""The ``"attent"`` section of a DeepSpeed JSON config: a typed, documented model.
+
+A DeepSpeed config with an ``"attent"`` section switches the teacher on; without it (or with
+``"enabled": false``) the job is plain DeepSpeed over the same data. The section is validated once,
+at start, and every problem is reported in one :class:`ConfigError` that names the dotted key, the
+value given, what is allowed and how to fix it.
+
+Pure module: pydantic only (already a DeepSpeed dependency).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SECTION = "attent"
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo such as "ration" must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RatioSchedule(_Strict):
+    """Fraction of the dataset trained in a selection round, as a function of training progress.
+
+    Progress x runs from 0 at the first selection round to 1 at the last pass.
+    """
+
+    schedule: Literal["constant", "incremental", "cosine", "step"] = "constant"
+    """constant: ``value``; incremental: linear ``start`` -> ``end``; cosine: ``start`` -> ``end``
+    along a half cosine; step: ``values`` held for equal shares of the progress."""
+    value: float = Field(0.7, gt=0.0, le=1.0)
+    """Ratio for the constant schedule."""
+    start: float = Field(0.2, gt=0.0, le=1.0)
+    """First ratio of the incremental and cosine schedules."""
+    end: float = Field(0.8, gt=0.0, le=1.0)
+    """Last ratio of the incremental and cosine schedules."""
+    values: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9])
+    """Ratios of the step schedule, each for an equal share of the selection rounds' progress."""
+
+    @model_validator(mode="after")
+    def _check_values(self) -> "RatioSchedule":
+        if not self.values or any(not (0.0 < v <= 1.0) for v in self.values):
+            raise ValueError(f"every entry of 'values' must be in (0, 1]; got {self.values}")
+        return self
+
+
+class IntervalSchedule(_Strict):
+    """How many passes one selection is trained for before the teacher selects again."""
+
+    schedule: Literal["fixed", "incremental", "once"] = "fixed"
+    """fixed: every ``every`` passes; incremental: ``every``, ``every+growth``, ... capped at
+    ``max``; once: a single selection used for every remaining pass."""
+    every: int = Field(1, ge=1)
+    """Passes per selection (the first interval of the incremental schedule)."""
+    growth: int = Field(1, ge=0)
+    """Passes added to the interval after each selection (incremental schedule)."""
+    max: int = Field(8, ge=1)
+    """Largest interval of the incremental schedule."""
+
+
+class SelectionConfig(_Strict):
+    method: Literal["hard", "soft", "random"] = "hard"
+    """hard: top-k by score; soft: Gumbel-top-k on softmax(score / temperature), i.e. sampling
+    without replacement; random: uniform without replacement (the budget-matched control)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Softmax temperature of soft selection: large = close to random, small = close to hard."""
+    skip_top: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of the highest-scoring examples never selected (guards against persistently
+    unlearnable examples, the RHO-LOSS critique of greedy max-loss)."""
+    rescale: bool = False
+    """Weight each kept example's loss by the inverse of its inclusion probability (normalised to
+    mean 1), so the subset's gradient is an unbiased estimate of the full-data gradient. Needs
+    method soft or random: hard top-k includes its examples with probability 1."""
+    resample_each_pass: bool = False
+    """Draw a fresh subset at every pass of a round (from the latest scores), as the paper's soft
+    selection does; otherwise a round trains the same subset for all its passes."""
+
+    @model_validator(mode="after")
+    def _rescale_needs_probabilities(self) -> "SelectionConfig":
+        if self.rescale and self.method == "hard":
+            raise ValueError(
+                "rescale=true needs method 'soft' or 'random': hard top-k keeps its examples with "
+                "probability 1, so there is nothing to rescale"
+            )
+        return self
+
+
+class AttentionConfig(_Strict):
+    layers: list[int] = Field(default_factory=lambda: [-1])
+    """Decoder layers whose attention gives the per-token importance (negative = from the end)."""
+    query_chunk: int = Field(128, ge=1)
+    """Queries processed at once when summing attention mass, bounding memory to
+    batch x heads x query_chunk x sequence."""
+
+
+class AttentConfig(_Strict):
+    """The teacher. Every field has a default; a preset fills several at once."""
+
+    enabled: bool = True
+    """false: the job is plain DeepSpeed over the same data."""
+    preset: Optional[Literal["attent-simple", "attent-complex", "random"]] = None
+    """Named recipe applied before the other keys (which override it). attent-simple: the paper's
+    LLM recipe; attent-complex: the paper's cycles; random: the budget-matched control."""
+    seed: int = 0
+    """Seed of every teacher draw. Each draw uses a generator made from (seed, pass, purpose)."""
+    signal: Literal["loss", "fgrad_norm", "attention_fgrad"] = "loss"
+    """loss: mean token cross-entropy; fgrad_norm: RMS over tokens of ||softmax - onehot||;
+    attention_fgrad: the same, each token weighted by its attention importance."""
+    source: Literal["free", "pool"] = "free"
+    """free: scores recorded from every training forward; pool: a no-grad pass over a candidate
+    pool before each selection, run in lockstep on every rank."""
+    pool_size: Optional[int] = Field(None, ge=1)
+    """Candidates scored by each pool pass (null = the whole dataset)."""
+    warmup_passes: int = Field(1, ge=0)
+    """Full-data passes before the first selection."""
+    full_passes_per_round: int = Field(0, ge=0)
+    """Full-data passes after each round's subset passes (the paper's cycles)."""
+    ratio: RatioSchedule = Field(default_factory=RatioSchedule)
+    interval: IntervalSchedule = Field(default_factory=IntervalSchedule)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    score_chunk_tokens: int = Field(2048, ge=1)
+    """Tokens per chunk when reducing logits to scores (bounds the temporary memory)."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "AttentConfig":
+        if self.source == "free" and self.warmup_passes == 0:
+            raise ValueError(
+                "source='free' needs warmup_passes >= 1: free scores come from training forwards, "
+                "so the first selection would see no scores; set warmup_passes: 1 or source: 'pool'"
+            )
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The authors' LLM fine-tuning recipe: one full epoch recording losses, then the top 70%.
+    "attent-simple": {
+        "signal": "loss",
+        "source": "free",
+        "warmup_passes": 1,
+        "ratio": {"schedule": "constant", "value": 0.7},
+        "interval": {"schedule": "once"},
+        "selection": {"method": "hard"},
+    },
+    # The authors' ViT pre-training cycles: incremental ratio and interval, soft selection,
+    # re-scored by a full no-grad pass before every subset pass, full passes between rounds.
+    "attent-complex": {
+        "signal": "loss",
+        "source": "pool",
+        "warmup_passes": 1,
+        "full_passes_per_round": 1,
+        "ratio": {"schedule": "incremental", "start": 0.2, "end": 0.8},
+        "interval": {"schedule": "incremental", "every": 1, "growth": 1, "max": 5},
+        "selection": {"method": "soft", "temperature": 1.0, "resample_each_pass": True},
+    },
+    # Budget-matched control: the same ratio as attent-simple, drawn uniformly.
+    "random": {
+        "source": "free",
+        "warmup_passes": 1,
+        "ratio": {"schedule": "constant", "value": 0.7},
+        "interval": {"schedule": "fixed", "every": 1},
+        "selection": {"method": "random"},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """Every problem of the ``attent`` section, one per line, each with key, value and fix."""
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _allowed(err: dict) -> str:
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return f"allowed: {ctx['expected']}"
+    for key, words in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if key in ctx:
+            return f"allowed: a number {words} {ctx[key]}"
+    return err["msg"]
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in (SECTION, *err["loc"]))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key (value {err['input']!r}); remove it or check its spelling"
+    if kind == "value_error":
+        return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
+    if kind == "missing":
+        return f"{loc}: required key is missing; add it"
+    return f"{loc}: got {err['input']!r}; {_allowed(err)}; fix: set {loc} to an allowed value"
+
+
+def parse_attent(section: Optional[dict]) -> Optional[AttentConfig]:
+    """Validate an ``attent`` section. Returns None when the teacher is off.
+
+    Raises ConfigError listing every problem (not just the first).
+    """
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{SECTION}: got {section!r}; allowed: a JSON object; fix: write "
+                          f'"{SECTION}": {{"preset": "attent-simple"}} or remove the section')
+    raw = dict(section)
+    problems: list[str] = []
+    preset = raw.get("preset")
+    if preset is not None:
+        if isinstance(preset, str) and preset in PRESETS:
+            raw = _merge(PRESETS[preset], raw)
+        else:
+            problems.append(f"{SECTION}.preset: got {preset!r}; allowed: {sorted(PRESETS)} or null; "
+                            "fix: pick one of them or remove the key")
+            raw.pop("preset")
+    try:
+        cfg = AttentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_describe(e) for e in exc.errors())
+        cfg = None
+    if problems:
+        raise ConfigError(f"invalid '{SECTION}' section ({len(problems)} problem"
+                          f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems))
+    return cfg if cfg.enabled else None
+
+
+def split_deepspeed_config(config: dict | str | Path) -> tuple[dict, Optional[AttentConfig]]:
+    """Split a DeepSpeed config (dict or JSON path) into (the plain DeepSpeed part, the teacher).
+
+    The DeepSpeed part is exactly the user's config minus the ``attent`` key, so a job with the
+    section removed runs the identical DeepSpeed setup.
+    """
+    if not isinstance(config, dict):
+        path = Path(config)
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path}: the DeepSpeed config must be a JSON object, got "
+                              f"{type(config).__name__}")
+    ds_config = {k: v for k, v in config.items() if k != SECTION}
+    return ds_config, parse_attent(config.get(SECTION))

@@ -1,0 +1,104 @@
+"""The MosaicML streaming adapter: a StreamingDataset that yields exactly the teacher's ids.
+
+Streaming already partitions an epoch's samples over nodes, ranks and DataLoader workers, shuffles
+them deterministically from (seed, epoch) and resumes mid-epoch from a sample offset. We keep all
+of that and change one input: ``resample_streams``, the seam that says which sample ids make up an
+epoch, returns the teacher's selection for the current pass instead of the whole dataset.
+
+Remainder rule: the teacher hands over a whole number of global batches (micro batch x ranks), so
+streaming's partition needs no padding and every selected id is trained exactly once per pass.
+:meth:`SubsetStreamingDataset.set_pass` refuses a selection that breaks this.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional
+
+import numpy as np
+from streaming import StreamingDataset
+from streaming.base.util import clean_stale_shared_memory
+
+
+def _num_nodes() -> int:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return max(1, world // max(1, local))
+
+
+class SubsetStreamingDataset(StreamingDataset):
+    """StreamingDataset over MDS shards whose every pass is a teacher-chosen subset.
+
+    Samples gain an ``"id"`` key: the global sample id the teacher scores and selects by.
+    Reads ``local`` (and ``remote`` with ``local`` as cache) exactly like StreamingDataset, and
+    honours the WORLD_SIZE / LOCAL_WORLD_SIZE / RANK environment the launchers set.
+    """
+
+    def __init__(self, *, local: str, remote: Optional[str] = None, batch_size: int,
+                 shuffle: bool = True, shuffle_seed: int = 9176, clean_shm: bool = True,
+                 **kwargs: Any):
+        if clean_shm:
+            # A crashed run leaves shared-memory segments that make the next one fail with
+            # FileExistsError; cleaning is safe at start, before any dataset of this job exists.
+            clean_stale_shared_memory()
+        kwargs.setdefault("num_canonical_nodes", _num_nodes())
+        super().__init__(local=local, remote=remote, batch_size=batch_size, shuffle=shuffle,
+                         shuffle_seed=shuffle_seed, **kwargs)
+        self.full_size = int(self.epoch_size)
+        self._ids: Optional[np.ndarray] = None
+        self._pass = 0
+
+    # -- what the trainer calls -------------------------------------------------------------
+    def set_pass(self, pass_index: int, ids: np.ndarray, samples_done: int = 0) -> None:
+        """Make the next iteration pass ``pass_index`` over ``ids``, skipping ``samples_done``.
+
+        ``samples_done`` counts samples consumed by the whole data-parallel group in this pass
+        (steps x global batch): it is how a resumed run continues mid-pass.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.full_size):
+            raise ValueError(f"selected ids must lie in [0, {self.full_size})")
+        group = self.batch_size * self._parallel_rank_world.num_ranks
+        if len(ids) == 0 or len(ids) % group:
+            raise ValueError(
+                f"pass {pass_index} selects {len(ids)} ids, not a positive multiple of the global "
+                f"batch {group} (micro batch {self.batch_size} x {self._parallel_rank_world.num_ranks}"
+                " ranks); the teacher rounds budgets down to whole global batches")
+        if not 0 <= samples_done <= len(ids):
+            raise ValueError(f"samples_done={samples_done} outside [0, {len(ids)}]")
+        self._ids, self._pass = np.sort(ids), pass_index
+        self.epoch_size = len(ids)
+        self.length = math.ceil(len(ids) / self._parallel_rank_world.num_ranks)
+        # A stale next_epoch (from a later pass, before a resume) would make streaming discard
+        # the state below as out of date.
+        self.next_epoch = pass_index
+        # Streaming resumes from this state at the next __iter__: it sets the epoch number (our
+        # pass, which seeds its shuffle) and the offset, on every worker, through shared memory.
+        self.load_state_dict({
+            "epoch": pass_index,
+            "sample_in_epoch": int(samples_done),
+            "num_canonical_nodes": self.num_canonical_nodes,
+            "shuffle_seed": self.shuffle_seed,
+            "initial_physical_nodes": self.initial_physical_nodes,
+        })
+
+    # -- the seam -------------------------------------------------------------------------------
+    def resample_streams(self, epoch: int, stream_id: Optional[int] = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        if self._ids is None:
+            raise RuntimeError("call set_pass(pass_index, ids) before iterating")
+        if epoch != self._pass:
+            raise RuntimeError(f"streaming asked for epoch {epoch} but the teacher prepared pass "
+                               f"{self._pass}; call set_pass before each pass")
+        # Shuffle units are per-shard sample counts of this epoch: ids are sorted, shards are
+        # contiguous id ranges, so counting ids per shard keeps streaming's shard-aware shuffle.
+        shard_of = np.searchsorted(self.sample_offset_per_shard, self._ids, side="right") - 1
+        units = np.bincount(shard_of, minlength=self.num_shards)
+        return units[units > 0].astype(np.int64), self._ids
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        sample = super().get_item(sample_id, retry)
+        # Decoded arrays are read-only views of the shard; torch wants writable memory.
+        sample = {k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in sample.items()}
+        sample["id"] = sample_id
+        return sample

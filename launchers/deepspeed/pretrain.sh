@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Single-node pretraining with the DeepSpeed launcher (one process per GPU, or per CPU rank).
+#
+#   NUM_GPUS=2 CONFIG=configs/zero2.json launchers/deepspeed/pretrain.sh --out runs/zero2
+#
+# NUM_GPUS  processes to start (default 1)
+# CONFIG    DeepSpeed JSON; its "attent" section switches the teacher on (default configs/zero1.json)
+# Any further arguments go to attent_scale.pretrain (see --help), e.g. --epochs, --model, --data.
+set -euo pipefail
+NUM_GPUS=${NUM_GPUS:-1}
+CONFIG=${CONFIG:-configs/zero1.json}
+exec deepspeed --num_gpus "$NUM_GPUS" --module attent_scale.pretrain --deepspeed_config "$CONFIG" "$@"

@@ -1,0 +1,48 @@
+"""The README job at tiny size, end to end, in one process."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from attent_scale.policy import PURPOSE_SELECT, make_rng, round_budget, select_random
+from conftest import read_ids, run_job, write_config
+
+
+def test_readme_job_teaches_and_learns(tiny_corpus, tmp_path):
+    cfg = write_config(tmp_path / "ds.json", stage=1, attent={"preset": "attent-simple"})
+    out = tmp_path / "run"
+    proc = run_job(cfg, tiny_corpus, out, nproc=1, launcher="python",
+                   extra=["--epochs", "3", "--eval-every", "40"])
+    # The teacher's one-line summary and the final table are printed.
+    assert "[attent] pass 1 subset" in proc.stdout + proc.stderr
+    assert "final validation loss" in proc.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = next(r for r in records if r["type"] == "summary")
+    assert summary["examples_skipped_by_the_teacher"] > 0
+    evals = [r["val_loss"] for r in records if r["type"] == "eval"]
+    assert len(evals) >= 3 and evals[-1] < evals[0] - 0.5, evals
+
+    # What was trained in the subset passes is not what a random draw of the same size gives.
+    meta = json.loads((tiny_corpus / "meta.json").read_text())
+    trained = read_ids(out, 1)[0]["trained"]
+    k = round_budget(meta["num_train"], 0.7, 8)
+    assert len(trained[1]) == k and sorted(trained[1]) == sorted(trained[2])
+    rand = select_random(np.arange(meta["num_train"]), k, make_rng(0, 1, PURPOSE_SELECT)).ids
+    overlap = len(np.intersect1d(rand, trained[1])) / k
+    assert overlap < 0.9, overlap
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plain_deepspeed_job_without_section_trains_full_passes(tiny_corpus, tmp_path):
+    cfg = write_config(tmp_path / "ds.json", stage=1, attent={"preset": "attent-simple",
+                                                               "enabled": False})
+    out = tmp_path / "run"
+    run_job(cfg, tiny_corpus, out, nproc=1, launcher="python", extra=["--epochs", "2"])
+    meta = json.loads((tiny_corpus / "meta.json").read_text())
+    trained = read_ids(out, 1)[0]["trained"]
+    full = (meta["num_train"] // 8) * 8
+    assert [len(trained[p]) for p in (0, 1)] == [full, full]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = next(r for r in records if r["type"] == "summary")
+    assert summary["teacher"].startswith("off")

@@ -1,0 +1,109 @@
+"""Throughput and memory of the plugin against plain DeepSpeed, arm by arm, in one invocation.
+
+Each arm is the real pretraining job (``attent_scale.pretrain``) with the same data, model, seed
+and DeepSpeed config; only the ``attent`` section differs. Arms run one after another on the same
+machine, so their ratios are comparable; absolute figures hold only for the machine that ran them.
+
+    python tools/bench_overhead.py --out runs/overhead --model 100m --seq-len 1024 \
+        --vocab-size 8192 --max-bytes 0 --micro 16 --epochs 2 --bf16
+
+Writes ``overhead.json`` and ``overhead.md`` into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ARMS = {
+    "plain": None,
+    "free-loss": {"preset": "attent-simple", "signal": "loss"},
+    "free-fgrad": {"preset": "attent-simple", "signal": "fgrad_norm"},
+    "free-attn": {"preset": "attent-simple", "signal": "attention_fgrad"},
+    "pool-loss": {"preset": "attent-simple", "source": "pool"},
+}
+
+
+def ds_config(args, attent) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": args.micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95],
+                                                  "weight_decay": 0.1, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR",
+                      "params": {"total_num_steps": "auto", "warmup_num_steps": "auto",
+                                 "warmup_type": "linear", "cos_min_ratio": 0.1}},
+        "zero_optimization": {"stage": args.zero},
+    }
+    if args.bf16:
+        cfg["bf16"] = {"enabled": True}
+    if attent is not None:
+        cfg["attent"] = attent
+    return cfg
+
+
+def summary_of(metrics: Path) -> dict:
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["type"] == "summary":
+            return rec
+    raise RuntimeError(f"{metrics} has no summary record")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/overhead")
+    p.add_argument("--data", default=".cache/bench-corpus")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {sorted(ARMS)}")
+    p.add_argument("--model", default="100m")
+    p.add_argument("--seq-len", type=int, help="corpus option, when --data is built here")
+    p.add_argument("--vocab-size", type=int, help="corpus option, when --data is built here")
+    p.add_argument("--max-bytes", type=int, help="corpus option (0 = all the source)")
+    p.add_argument("--micro", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bf16", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for name in args.arms.split(","):
+        cfg_path = out / f"{name}.json"
+        cfg_path.write_text(json.dumps(ds_config(args, ARMS[name]), indent=1))
+        cmd = [sys.executable, "-m", "attent_scale.pretrain", "--deepspeed_config", str(cfg_path),
+               "--out", str(out / name), "--data", args.data, "--model", args.model,
+               "--epochs", str(args.epochs), "--eval-every", "0", "--eval-samples", "64",
+               "--no-resume", "--no-plot"]
+        for flag in ("seq_len", "vocab_size", "max_bytes"):
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        if ARMS[name] is None:
+            cmd.append("--no-teacher")
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
+        rows[name] = summary_of(out / name / "metrics.jsonl")
+    base = float(rows.get("plain", next(iter(rows.values())))["training_tokens/s"])
+    lines = ["| arm | tokens/s (training) | vs plain | teacher time (s) | wall (s) | "
+             "peak GiB | final val loss |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        tps = float(r["training_tokens/s"])
+        lines.append(f"| {name} | {tps:,.0f} | {tps / base:.3f} | {r['teacher_time_(s)']} | "
+                     f"{r['wall_time_(s)']} | {r['peak_GPU_memory_(GiB)']} | "
+                     f"{r['final_validation_loss']} |")
+    (out / "overhead.json").write_text(json.dumps(rows, indent=1))
+    (out / "overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

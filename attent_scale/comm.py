@@ -26,6 +26,9 @@ class LocalComm:
     def max_int(self, value: int) -> int:
         return int(value)
 
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
     def barrier(self) -> None:
         return None
 
@@ -73,6 +76,11 @@ class DistComm:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t.item())
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks (the tensor must live on this group's device)."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

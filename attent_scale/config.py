@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator)
 
 SECTION = "attent"
 
@@ -42,11 +43,12 @@ class RatioSchedule(_Strict):
     values: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9])
     """Ratios of the step schedule, each for an equal share of the selection rounds' progress."""
 
-    @model_validator(mode="after")
-    def _check_values(self) -> "RatioSchedule":
-        if not self.values or any(not (0.0 < v <= 1.0) for v in self.values):
-            raise ValueError(f"every entry of 'values' must be in (0, 1]; got {self.values}")
-        return self
+    @field_validator("values")
+    @classmethod
+    def _check_values(cls, values: list[float]) -> list[float]:
+        if not values or any(not (0.0 < v <= 1.0) for v in values):
+            raise ValueError(f"allowed: a non-empty list of numbers in (0, 1]; got {values}")
+        return values
 
 
 class IntervalSchedule(_Strict):
@@ -69,6 +71,11 @@ class SelectionConfig(_Strict):
     without replacement; random: uniform without replacement (the budget-matched control)."""
     temperature: float = Field(1.0, gt=0.0)
     """Softmax temperature of soft selection: large = close to random, small = close to hard."""
+    transform: Literal["identity", "log"] = "identity"
+    """Soft selection samples with probability proportional to exp(t(score) / temperature):
+    identity gives exp(score / T) (the paper's softmax of losses); log gives score^(1/T), i.e.
+    importance sampling proportional to the signal (with rescale: the unbiased, variance-reducing
+    choice when the signal is a gradient norm)."""
     skip_top: float = Field(0.0, ge=0.0, lt=1.0)
     """Share of the highest-scoring examples never selected (guards against persistently
     unlearnable examples, the RHO-LOSS critique of greedy max-loss)."""
@@ -80,14 +87,18 @@ class SelectionConfig(_Strict):
     """Draw a fresh subset at every pass of a round (from the latest scores), as the paper's soft
     selection does; otherwise a round trains the same subset for all its passes."""
 
-    @model_validator(mode="after")
-    def _rescale_needs_probabilities(self) -> "SelectionConfig":
-        if self.rescale and self.method == "hard":
+    # Field validators (not model validators) so these errors carry their exact key and are
+    # reported together with every other problem; fields validate in declaration order, so the
+    # field they depend on is in info.data when it was valid.
+    @field_validator("rescale")
+    @classmethod
+    def _rescale_needs_probabilities(cls, rescale: bool, info: ValidationInfo) -> bool:
+        if rescale and info.data.get("method") == "hard":
             raise ValueError(
                 "rescale=true needs method 'soft' or 'random': hard top-k keeps its examples with "
                 "probability 1, so there is nothing to rescale"
             )
-        return self
+        return rescale
 
 
 class AttentionConfig(_Strict):
@@ -127,14 +138,15 @@ class AttentConfig(_Strict):
     score_chunk_tokens: int = Field(2048, ge=1)
     """Tokens per chunk when reducing logits to scores (bounds the temporary memory)."""
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "AttentConfig":
-        if self.source == "free" and self.warmup_passes == 0:
+    @field_validator("warmup_passes")
+    @classmethod
+    def _free_scores_need_warmup(cls, warmup: int, info: ValidationInfo) -> int:
+        if warmup == 0 and info.data.get("source") == "free":
             raise ValueError(
                 "source='free' needs warmup_passes >= 1: free scores come from training forwards, "
                 "so the first selection would see no scores; set warmup_passes: 1 or source: 'pool'"
             )
-        return self
+        return warmup
 
 
 PRESETS: dict[str, dict[str, Any]] = {

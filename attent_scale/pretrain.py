@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="demo")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training data")
     p.add_argument("--seed", type=int, default=0, help="model init and data order")
+    p.add_argument("--budget-fraction", type=float, default=1.0,
+                   help="train only this share of the planned steps, with the learning-rate "
+                        "schedule fitted to it (full-data baselines at smaller budgets)")
     p.add_argument("--eval-every", type=int, default=50, help="optimizer steps between evals")
     p.add_argument("--eval-samples", type=int, default=256, help="validation sequences per eval")
     p.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints")
@@ -135,14 +138,15 @@ def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tens
     return ce.view(labels.shape), labels
 
 
-def forward_scores(engine, tokens, teacher, probe):
-    """Forward + per-example scores; the caller decides whether to backprop the loss."""
+def forward_scores(engine, tokens, teacher, probe, score: bool):
+    """Forward, per-token losses and (when ``score``) the teacher's per-example scores."""
     cfg = teacher.cfg
-    with probe.recording() if probe else _null():
+    score = score and cfg is not None
+    with probe.recording(score) if probe else _null():
         logits = engine(input_ids=tokens).logits
     ce, labels = token_losses(logits, tokens)
     scores = None
-    if cfg is not None:
+    if score:
         from .signals import example_scores
         importance = probe.pop()[:, :-1] if probe else None
         scores = example_scores(cfg.signal, ce.detach(), labels, logits.detach()[:, :-1],
@@ -198,8 +202,7 @@ def evaluate(engine, val_ds, n: int, micro: int, comm, device) -> float:
         total[0] += ce.sum(dim=1)[v].double().sum()
         total[1] += ce.shape[1] * v.sum()
     engine.train()
-    if comm.world > 1:
-        torch.distributed.all_reduce(total)
+    comm.sum_(total)
     return float(total[0] / total[1])
 
 
@@ -211,7 +214,7 @@ def score_pool(engine, train_ds, ids, teacher, probe, micro, comm, device, stamp
     for batch_ids, valid in lockstep_batches(ids, comm.rank, comm.world, micro):
         tokens = torch.stack([torch.from_numpy(train_ds[int(i)]["tokens"].astype(np.int64))
                               for i in batch_ids]).to(device)
-        _, scores = forward_scores(engine, tokens, teacher, probe)
+        _, scores = forward_scores(engine, tokens, teacher, probe, score=True)
         teacher.record(batch_ids[valid], scores.cpu().numpy()[valid], stamp)
     engine.train()
 
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
     from . import deepspeed_plugin as dsp
     from .comm import make_comm
     from .report import MetricsLogger, format_summary, plot_metrics
-    from .streaming_data import SubsetStreamingDataset
+    from .streaming_data import SubsetStreamingDataset, clean_shared_memory
     from .teacher import Teacher
 
     # -- distributed, config ------------------------------------------------------------------
@@ -254,9 +257,9 @@ def main(argv=None) -> int:
 
     # -- data ---------------------------------------------------------------------------------
     meta = prepare_data(args, comm)
+    clean_shared_memory()  # collective: every rank calls it
     train_ds = SubsetStreamingDataset(local=str(Path(args.data) / "train"), batch_size=micro,
-                                      shuffle_seed=args.seed, clean_shm=comm.rank == 0)
-    comm.barrier()
+                                      shuffle_seed=args.seed)
     from streaming import StreamingDataset
     val_ds = StreamingDataset(local=str(Path(args.data) / "val"), batch_size=micro,
                               shuffle=False)
@@ -270,12 +273,15 @@ def main(argv=None) -> int:
     teacher = Teacher(attent, meta["num_train"], args.epochs, global_batch, comm,
                       data_seed=args.seed)
     gas = global_batch // (micro * comm.world)
-    engine = dsp.initialize(model, dsp.resolve_auto(ds_config, teacher.planned_steps()))
+    if not 0.0 < args.budget_fraction <= 1.0:
+        raise SystemExit(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
+    planned = max(1, math.floor(teacher.planned_steps() * args.budget_fraction))
+    engine = dsp.initialize(model, dsp.resolve_auto(ds_config, planned))
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {meta['num_train']} train "
            f"sequences of {meta['seq_len']} tokens; world {comm.world}, micro batch {micro}, "
            f"global batch {global_batch}; teacher {'on' if attent else 'off'}; planned "
-           f"{teacher.planned_steps()} steps")
+           f"{planned} steps")
 
     prog = Progress(fingerprint=meta["fingerprint"])
     ckpt = out / "checkpoints"
@@ -295,7 +301,6 @@ def main(argv=None) -> int:
     # -- train ----------------------------------------------------------------------------------
     t0 = time.perf_counter() - prog.wall
     now = lambda: time.perf_counter() - t0  # noqa: E731
-    planned = teacher.planned_steps()
     # In a log file (not a terminal) redraw rarely, so the log stays readable.
     bar = tqdm(total=planned, initial=prog.step, disable=comm.rank != 0, desc="train",
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
@@ -316,6 +321,7 @@ def main(argv=None) -> int:
         prog.val_loss = evaluate(engine, val_ds, args.eval_samples, micro, comm, device)
         prog.eval_time += sync_clock() - start
         metrics.log({"type": "eval", "step": prog.step, "time": now(), "val_loss": prog.val_loss,
+                     "eval_time": prog.eval_time,
                      "tokens": prog.tokens})
         bar.set_postfix(val=f"{prog.val_loss:.4f}")
 
@@ -358,7 +364,8 @@ def main(argv=None) -> int:
         for batch in loader:
             ids = batch["id"].numpy()
             tokens = batch["tokens"].to(device=device, dtype=torch.long)
-            ce, scores = forward_scores(engine, tokens, teacher, probe)
+            ce, scores = forward_scores(engine, tokens, teacher, probe,
+                                         score=teacher.wants_free_scores())
             per_example = ce.mean(dim=1)
             w = teacher.weights_for(ids)
             if w is not None:
@@ -396,6 +403,8 @@ def main(argv=None) -> int:
             if args.stop_after and prog.step >= args.stop_after:
                 stopped = True
                 break
+            if prog.step >= planned:
+                break  # budget reached (only before the planned end with --budget-fraction)
         if stopped:
             if prog.samples_in_pass >= len(selection.ids):
                 prog.pass_index, prog.samples_in_pass = p + 1, 0
@@ -403,6 +412,8 @@ def main(argv=None) -> int:
                 prog.pass_index = p
             checkpoint(f"step{prog.step}")
             print0(f"stopped after step {prog.step} (--stop-after); resume with the same command")
+            break
+        if prog.step >= planned:
             break
         prog.pass_index, prog.samples_in_pass = p + 1, 0
     bar.close()

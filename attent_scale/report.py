@@ -213,14 +213,26 @@ def plot_metrics(path_jsonl: PathLike, out_png: PathLike, title: Optional[str] =
     ax_frac.grid(alpha=0.3)
 
     scored = [r for r in selections if all(_finite(r.get(k)) for k in ("q10", "q50", "q90"))]
-    if teacher_on and scored:
+    # Free scores of the examples trained in each logging window (train records carry them).
+    window = [r for r in records if r.get("type") == "train"
+              and all(_finite(r.get(k)) for k in ("score_q10", "score_q50", "score_q90"))]
+    if teacher_on and window:
+        wx = [r["step"] for r in window]
+        ax_score.fill_between(wx, [r["score_q10"] for r in window],
+                              [r["score_q90"] for r in window], color="0.5", alpha=0.15,
+                              label="trained examples, q10-q90")
+        ax_score.plot(wx, [r["score_q50"] for r in window], color="0.4", lw=1.0,
+                      label="trained examples, median")
+    if teacher_on and (scored or window):
         sx = [r["step"] for r in scored]
-        ax_score.fill_between(sx, [r["q10"] for r in scored], [r["q90"] for r in scored],
-                              color=SELECT_COLOR, alpha=0.2, label="q10-q90")
-        ax_score.plot(sx, [r["q50"] for r in scored], color=SELECT_COLOR, lw=1.8, marker="o",
-                      ms=3.5, label="median score")
+        if scored:
+            ax_score.errorbar(sx, [r["q50"] for r in scored],
+                              yerr=[[r["q50"] - r["q10"] for r in scored],
+                                    [r["q90"] - r["q50"] for r in scored]],
+                              color=SELECT_COLOR, lw=1.8, marker="o", ms=4, capsize=4,
+                              label="all examples at a selection (median, q10-q90)")
         kept = [(r["step"], r["selected_mean"]) for r in scored if _finite(r.get("selected_mean"))]
-        if kept:
+        if kept:  # (pool-scored selections carry the whole pool's distribution)
             ax_score.plot([k[0] for k in kept], [k[1] for k in kept], ls="none", marker="^",
                           ms=5, color="0.25", label="mean score of selected")
         ax_score.legend(loc="best", fontsize=9)
@@ -233,7 +245,7 @@ def plot_metrics(path_jsonl: PathLike, out_png: PathLike, title: Optional[str] =
         ax_score.set_xticks([])
     ax_score.set_xlabel("optimizer step")
     ax_score.set_ylabel("example score")
-    ax_score.set_title("(c) score distribution at selections")
+    ax_score.set_title("(c) score distribution against step")
     ax_score.grid(alpha=0.3)
 
     if title:

@@ -20,6 +20,15 @@ from streaming import StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 
+def clean_shared_memory() -> None:
+    """Remove shared-memory segments a crashed run left behind (they raise FileExistsError).
+
+    Collective: every rank calls it before any dataset of the job exists; each node's local rank 0
+    cleans while the others wait, so no rank picks segment names during the cleaning.
+    """
+    clean_stale_shared_memory()
+
+
 def _num_nodes() -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -35,12 +44,7 @@ class SubsetStreamingDataset(StreamingDataset):
     """
 
     def __init__(self, *, local: str, remote: Optional[str] = None, batch_size: int,
-                 shuffle: bool = True, shuffle_seed: int = 9176, clean_shm: bool = True,
-                 **kwargs: Any):
-        if clean_shm:
-            # A crashed run leaves shared-memory segments that make the next one fail with
-            # FileExistsError; cleaning is safe at start, before any dataset of this job exists.
-            clean_stale_shared_memory()
+                 shuffle: bool = True, shuffle_seed: int = 9176, **kwargs: Any):
         kwargs.setdefault("num_canonical_nodes", _num_nodes())
         super().__init__(local=local, remote=remote, batch_size=batch_size, shuffle=shuffle,
                          shuffle_seed=shuffle_seed, **kwargs)

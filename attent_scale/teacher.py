@@ -205,6 +205,9 @@ class Teacher:
         if method == "hard":
             sel = select_topk(cand_scores, candidates, k)
         elif method == "soft":
+            if cfg.selection.transform == "log":
+                # Scores here are losses or norms (>= 0); a zero keeps a tiny, finite chance.
+                cand_scores = np.log(np.maximum(cand_scores, 1e-12))
             sel = select_gumbel_topk(cand_scores, candidates, k, cfg.selection.temperature, rng,
                                      rescale=cfg.selection.rescale)
         else:

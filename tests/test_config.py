@@ -171,7 +171,7 @@ def test_rescale_with_hard_selection_rejected():
     with pytest.raises(ConfigError) as ei:
         parse_attent({"selection": {"method": "hard", "rescale": True}})
     (line,) = _problem_lines(ei.value)
-    assert line.startswith("attent.selection:")
+    assert line.startswith("attent.selection.rescale:")
     assert "rescale" in line and "soft" in line
     # the same with soft / random is fine
     assert parse_attent({"selection": {"method": "soft", "rescale": True}}).selection.rescale
@@ -203,7 +203,7 @@ def test_step_values_out_of_range_rejected():
     with pytest.raises(ConfigError) as ei:
         parse_attent({"ratio": {"schedule": "step", "values": [0.5, 1.5]}})
     (line,) = _problem_lines(ei.value)
-    assert line.startswith("attent.ratio:") and "1.5" in line
+    assert line.startswith("attent.ratio.values:") and "1.5" in line
 
 
 def test_ratio_zero_rejected_and_one_allowed():
@@ -285,3 +285,13 @@ def test_split_json_file_not_an_object(tmp_path):
 def test_split_invalid_section_raises_config_error():
     with pytest.raises(ConfigError, match=r"attent\.ratio\.value"):
         split_deepspeed_config({**DS, "attent": {"ratio": {"value": 2}}})
+
+
+def test_cross_field_problems_are_reported_with_the_rest_and_their_exact_keys():
+    with pytest.raises(ConfigError) as ei:
+        parse_attent({"warmup_passes": 0, "ratio": {"value": 1.5},
+                      "selection": {"rescale": True, "temperature": 0}})
+    lines = _problem_lines(ei.value)
+    keys = sorted(line.split(":")[0] for line in lines)
+    assert keys == ["attent.ratio.value", "attent.selection.rescale",
+                    "attent.selection.temperature", "attent.warmup_passes"]

@@ -501,3 +501,22 @@ def test_two_ranks_disagreeing_raise():
 
     _, errors = _on_ranks(lambda: rank(0), lambda: rank(1))
     assert all(isinstance(e, RuntimeError) and "disagree" in str(e) for e in errors), errors
+
+
+def test_soft_log_transform_samples_proportional_to_the_score():
+    section = {"warmup_passes": 1, "ratio": {"value": 0.5}, "interval": {"schedule": "once"},
+               "selection": {"method": "soft", "transform": "log", "rescale": True}, "seed": 3}
+    t = _teacher(section, passes=2)
+    full, _ = t.begin_pass(0)
+    scores = np.linspace(0.5, 4.0, N)
+    _record_in_batches(t, np.arange(N), scores)
+    sel, _ = t.begin_pass(1)
+    # Independently: Gumbel-top-k on log(score) with the teacher's generator for pass 1.
+    from attent_scale.policy import PURPOSE_SELECT, make_rng, select_gumbel_topk
+    k = round_budget(N, 0.5, G)
+    expected = select_gumbel_topk(np.log(scores), np.arange(N), k, 1.0,
+                                  make_rng(3, 1, PURPOSE_SELECT), rescale=True)
+    assert np.array_equal(sel.ids, expected.ids)
+    assert np.allclose(sel.weights, expected.weights)
+    # The log transform keeps low scores in play: identity softmax over [0.5, 4] would not.
+    assert sel.ids.min() < N // 4

@@ -50,11 +50,18 @@ def ds_config(args, attent) -> dict:
 
 
 def summary_of(metrics: Path) -> dict:
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["type"] == "summary":
-            return rec
-    raise RuntimeError(f"{metrics} has no summary record")
+    """The run's summary record plus its steady-state step throughput.
+
+    Steady state: the median of tokens/s over the 10-step windows between training records, so
+    start-up, evaluations and selections (each inside one window at most) do not weigh in.
+    """
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    summary = next(r for r in records if r["type"] == "summary")
+    train = [r for r in records if r["type"] == "train"]
+    rates = sorted((b["tokens"] - a["tokens"]) / (b["time"] - a["time"])
+                   for a, b in zip(train[1:], train[2:]) if b["time"] > a["time"])
+    summary["steady_tokens_per_s"] = rates[len(rates) // 2] if rates else float("nan")
+    return summary
 
 
 def main(argv=None) -> int:
@@ -75,9 +82,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
-    for name in args.arms.split(","):
+    for i, arm in enumerate(args.arms.split(",")):
+        # An arm may be listed twice (e.g. plain first and last, to expose drift).
+        name = arm if arm not in rows else f"{arm}#{i}"
         cfg_path = out / f"{name}.json"
-        cfg_path.write_text(json.dumps(ds_config(args, ARMS[name]), indent=1))
+        cfg_path.write_text(json.dumps(ds_config(args, ARMS[arm]), indent=1))
         cmd = [sys.executable, "-m", "attent_scale.pretrain", "--deepspeed_config", str(cfg_path),
                "--out", str(out / name), "--data", args.data, "--model", args.model,
                "--epochs", str(args.epochs), "--eval-every", "0", "--eval-samples", "64",
@@ -85,18 +94,21 @@ def main(argv=None) -> int:
         for flag in ("seq_len", "vocab_size", "max_bytes"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        if ARMS[name] is None:
+        if ARMS[arm] is None:
             cmd.append("--no-teacher")
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
         rows[name] = summary_of(out / name / "metrics.jsonl")
-    base = float(rows.get("plain", next(iter(rows.values())))["training_tokens/s"])
-    lines = ["| arm | tokens/s (training) | vs plain | teacher time (s) | wall (s) | "
-             "peak GiB | final val loss |", "|---|---|---|---|---|---|---|"]
+    plains = [r["steady_tokens_per_s"] for n, r in rows.items() if n.split("#")[0] == "plain"]
+    base = sum(plains) / len(plains) if plains else next(iter(rows.values()))["steady_tokens_per_s"]
+    lines = ["| arm | steady tokens/s | vs plain | tokens/s incl. teacher phases | "
+             "teacher phases (s) | wall (s) | peak GiB | final val loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        tps = float(r["training_tokens/s"])
-        lines.append(f"| {name} | {tps:,.0f} | {tps / base:.3f} | {r['teacher_time_(s)']} | "
+        tps = r["steady_tokens_per_s"]
+        lines.append(f"| {name} | {tps:,.0f} | {tps / base:.3f} | "
+                     f"{float(r['training_tokens/s']):,.0f} | {r['teacher_time_(s)']} | "
                      f"{r['wall_time_(s)']} | {r['peak_GPU_memory_(GiB)']} | "
                      f"{r['final_validation_loss']} |")
     (out / "overhead.json").write_text(json.dumps(rows, indent=1))

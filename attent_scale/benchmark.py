@@ -16,7 +16,8 @@ the section's ``"seed": S``. Runs go seed by seed (every arm at seed 0, then eve
 Time is TRAINING wall-clock: the run's clock (which includes the teacher's phases) minus the time
 spent evaluating, since evaluation is measurement, not training. From the baselines' (mean training
 time, mean final validation loss) points the harness builds the full-data frontier: how long plain
-DeepSpeed needs to reach a given loss. The target is full@1.0's mean final loss, and
+DeepSpeed needs to reach a given loss. The target is full@1.0's mean final loss (the largest
+full@F budget's when full@1.0 is not among the arms), and
 
 - ``saving = 1 - time_to_target(arm) / frontier_time(target)``: the share of the baseline's training
   time an arm saves to reach the target (positive: the arm is faster);
@@ -29,7 +30,9 @@ DeepSpeed needs to reach a given loss. The target is full@1.0's mean final loss,
 
 Writes ``ttq.json`` (every run's curve and numbers, and everything derived), ``ttq.md`` (the table,
 also printed at the end) and ``ttq.png`` into --out; each run's files, with its stdout and stderr
-in ``log.txt``, stay in ``OUT/<arm>/seed<S>/``.
+in ``log.txt``, stay in ``OUT/<arm>/seed<S>/``. A failed run stops the benchmark with its exit
+code; ``--resume`` then reuses every run that finished with the identical config and command.
+``--nproc N`` launches each run on N ranks through ``torchrun``.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -45,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .config import PRESETS, ConfigError, parse_attent
 
@@ -56,6 +60,15 @@ Curve = Sequence[tuple[float, float]]  # (training seconds, validation loss), or
 # Named teacher policies (``attent`` sections without the seed, which each run sets). Keys must not
 # clash with the presets or start with "full@".
 POLICIES: dict[str, dict[str, Any]] = {
+    # Importance sampling proportional to the per-example loss, reweighted to stay unbiased.
+    "soft-log-rescale": {"selection": {"method": "soft", "transform": "log", "temperature": 1.0,
+                                       "rescale": True},
+                         "ratio": {"value": 0.7}, "interval": {"schedule": "fixed", "every": 1}},
+    "soft-log-fgrad-rescale": {"signal": "fgrad_norm",
+                               "selection": {"method": "soft", "transform": "log",
+                                             "temperature": 1.0, "rescale": True},
+                               "ratio": {"value": 0.7},
+                               "interval": {"schedule": "fixed", "every": 1}},
     "soft-rescale": {"selection": {"method": "soft", "temperature": 1.0, "rescale": True},
                      "ratio": {"value": 0.7}, "interval": {"schedule": "fixed", "every": 1}},
     "random-70": {"preset": "random", "ratio": {"value": 0.7}},
@@ -150,7 +163,8 @@ def spread(values: Sequence[Optional[float]]) -> dict[str, Any]:
     return out
 
 
-def seed_mean_curve(curves: Sequence[Sequence[tuple[float, float, int]]]) -> list[tuple[float, float]]:
+def seed_mean_curve(curves: Sequence[Sequence[tuple[float, float, int]]]
+                    ) -> list[tuple[float, float]]:
     """Mean (time, loss) over seeds at each step that every seed evaluated.
 
     Each curve holds (time, loss, step) points; the result is ordered by step.
@@ -284,6 +298,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun() -> str:
+    # The launcher installed with this interpreter's torch (a bare PATH lookup could find another).
+    here = Path(sys.executable).with_name("torchrun")
+    found = str(here) if here.exists() else shutil.which("torchrun")
+    if not found:
+        raise SystemExit("--nproc > 1 needs torch's torchrun launcher, which was not found next "
+                         f"to {sys.executable} or on PATH")
+    return found
+
+
 def run_command(args: argparse.Namespace, arm: Arm, seed: int, run_dir: Path) -> list[str]:
     cmd = ["--deepspeed_config", str(run_dir / "ds_config.json"), "--out", str(run_dir),
            "--data", str(args.data), "--model", args.model, "--epochs", str(args.epochs),
@@ -297,8 +321,8 @@ def run_command(args: argparse.Namespace, arm: Arm, seed: int, run_dir: Path) ->
     if not args.run_plots:
         cmd.append("--no-plot")
     if args.nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                str(args.nproc), "--master_port", "{port}", "-m", "attent_scale.pretrain", *cmd]
+        return [_torchrun(), "--nproc_per_node", str(args.nproc), "--master_port", "{port}",
+                "-m", "attent_scale.pretrain", *cmd]
     return [sys.executable, "-m", "attent_scale.pretrain", *cmd]
 
 
@@ -347,38 +371,58 @@ def load_run(metrics: Path) -> dict[str, Any]:
     }
 
 
-def execute(args: argparse.Namespace, arm: Arm, seed: int, out: Path) -> tuple[int, Path, bool]:
-    """Run one arm at one seed (or reuse a finished identical run with --resume).
+@dataclass
+class Run:
+    """One arm at one seed: its directory, DeepSpeed config and command."""
+    arm: Arm
+    seed: int
+    dir: Path
+    config: dict
+    command: list[str]
 
-    Returns (exit code, run directory, reused).
-    """
-    run_dir = out / arm.name / f"seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = ds_config(args, arm.attent(seed))
-    cmd = run_command(args, arm, seed, run_dir)
-    spec = {"config": config, "command": cmd}
-    spec_file, metrics, log = run_dir / "run.json", run_dir / "metrics.jsonl", run_dir / "log.txt"
-    if args.resume and spec_file.exists() and metrics.exists():
+    @property
+    def log(self) -> Path:
+        return self.dir / "log.txt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def spec(self) -> dict:
+        return {"config": self.config, "command": self.command}
+
+    def finished(self) -> bool:
+        """True when the directory holds a complete run of exactly this config and command."""
         try:
-            same = json.loads(spec_file.read_text()) == spec
-            load_run(metrics)
-        except (ValueError, RuntimeError):
-            same = False
-        if same:
-            return 0, run_dir, True
-    for stale in (metrics, spec_file):  # the job appends to metrics.jsonl: start it afresh
-        stale.unlink(missing_ok=True)
-    (run_dir / "ds_config.json").write_text(json.dumps(config, indent=1) + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    launch = [str(_free_port()) if c == "{port}" else c for c in cmd]
-    with open(log, "w") as fh:
-        fh.write("$ " + " ".join(launch) + "\n")
-        fh.flush()
-        rc = subprocess.run(launch, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-    if rc == 0:
-        spec_file.write_text(json.dumps(spec, indent=1) + "\n")
-    return rc, run_dir, False
+            same = json.loads((self.dir / "run.json").read_text()) == self.spec
+            return same and load_run(self.metrics) is not None
+        except (OSError, ValueError, RuntimeError):
+            return False
+
+    def execute(self) -> int:
+        """Run the job (stdout and stderr into log.txt); returns its exit code."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.metrics, self.dir / "run.json"):  # the job appends to metrics.jsonl
+            stale.unlink(missing_ok=True)
+        (self.dir / "ds_config.json").write_text(json.dumps(self.config, indent=1) + "\n")
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
+                                                          os.environ.get("PYTHONPATH")]))
+        launch = [str(_free_port()) if c == "{port}" else c for c in self.command]
+        with open(self.log, "w") as fh:
+            fh.write("$ " + " ".join(launch) + "\n")
+            fh.flush()
+            rc = subprocess.run(launch, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        if rc == 0:
+            (self.dir / "run.json").write_text(json.dumps(self.spec, indent=1) + "\n")
+        return rc
+
+
+def make_run(args: argparse.Namespace, arm: Arm, seed: int) -> Run:
+    run_dir = args.out / arm.name / f"seed{seed}"
+    return Run(arm, seed, run_dir, ds_config(args, arm.attent(seed)),
+               run_command(args, arm, seed, run_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,9 +481,10 @@ def _pct(v: Optional[float]) -> str:
     return "–" if v is None else f"{v:+.1%}"
 
 
-def _saving_cell(s: dict) -> str:
+def _saving_cell(s: dict, none: str) -> str:
+    """Mean [min, max] as signed percentages; ``none`` names why a seed has no value."""
     if s["mean"] is None:
-        return "–" if not s["missing"] else f"never ({s['missing']}/{s['missing']})"
+        return "–" if not s["missing"] else none
     text = _pct(s["mean"])
     if s["n"] > 1:
         text += f" [{_pct(s['min'])}, {_pct(s['max'])}]"
@@ -464,9 +509,9 @@ def markdown(arms: Sequence[Arm], result: dict) -> str:
                                for p in result["frontier"]["points"]) + ".")
     lines += ["", "Times are training wall-clock seconds (evaluation excluded, teacher phases "
               "included). Saving = 1 − time to target / frontier time to target; at final loss = "
-              "1 − training time / frontier time to the arm's final loss. Positive = faster than "
-              "plain DeepSpeed. ± is the sample standard deviation over seeds; [min, max] over "
-              "seeds.", ""]
+              "1 − training time / frontier time to the arm's final loss (out of range: that loss "
+              "lies outside the baselines' losses). Positive = faster than plain DeepSpeed. "
+              "± is the sample standard deviation over seeds; [min, max] over seeds.", ""]
     lines += ["| arm | seeds | train time (s) | final val loss | time to target (s) | saving "
               "[min, max] | saving at final loss [min, max] | teacher time (s) | examples "
               "trained | peak GiB |",
@@ -480,8 +525,9 @@ def markdown(arms: Sequence[Arm], result: dict) -> str:
             ttt_cell += f" ({ttt['n']}/{ttt['n'] + ttt['missing']} seeds)"
         peak = _pm(a["peak_memory_gib"], 2) if a["peak_memory_gib"]["mean"] is not None else "n/a"
         lines.append(f"| {arm.name} | {n} | {_pm(a['train_time'])} | {_pm(a['final_loss'], 4)} | "
-                     f"{ttt_cell} | {_saving_cell(a['saving'])} | "
-                     f"{_saving_cell(a['saving_at_final'])} | {_pm(a['teacher_time'], 2)} | "
+                     f"{ttt_cell} | {_saving_cell(a['saving'], 'never')} | "
+                     f"{_saving_cell(a['saving_at_final'], 'out of range')} | "
+                     f"{_pm(a['teacher_time'], 2)} | "
                      f"{_pm(a['examples_trained'], 0)} | {peak} |")
     return "\n".join(lines) + "\n"
 
@@ -545,7 +591,15 @@ def plot(arms: Sequence[Arm], runs: dict[str, dict[int, dict]], result: dict, pa
     if finals and tops:
         lo, hi = min(finals + tops), max(finals + tops)
         pad = max(0.15 * (hi - lo), 0.01 * abs(hi), 1e-3)
-        axes[1].set_ylim(lo - pad, hi + 2 * pad)
+        top = hi + 2 * pad
+        axes[1].set_ylim(lo - pad, top)
+        # Start the zoom where the first curve comes into its loss range.
+        entry = [time_to_target([(p[0], p[1]) for p in r["curve"]], top)
+                 for rs in runs.values() for r in rs.values()]
+        entry = [t for t in entry if t is not None]
+        end = max(r["train_time"] for rs in runs.values() for r in rs.values())
+        if entry and end > min(entry):
+            axes[1].set_xlim(min(entry) - 0.03 * end, end * 1.05)
     axes[1].set_title("zoom on the frontier's losses")
     if title:
         fig.suptitle(title)
@@ -579,7 +633,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, help="corpus option, when --data is built here")
     p.add_argument("--max-bytes", type=int, help="corpus option (0 = all the source)")
     p.add_argument("--nproc", type=int, default=1,
-                   help="ranks per run (>1 launches each run with torch.distributed.run)")
+                   help="ranks per run (>1 launches each run with torchrun)")
     p.add_argument("--resume", action="store_true",
                    help="reuse runs in --out that finished with the identical config and command")
     p.add_argument("--run-plots", action="store_true", help="also write each run's metrics.png")
@@ -600,32 +654,35 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     arms, seeds, out = args.arm_list, args.seed_list, args.out
+    # Seed-major order: a drift of the machine's speed spreads over every arm.
+    plan = [make_run(args, arm, seed) for seed in seeds for arm in arms]
     if args.dry_run:
-        for seed in seeds:
-            for arm in arms:
-                print(" ".join(run_command(args, arm, seed, out / arm.name / f"seed{seed}")))
+        for run in plan:
+            print(" ".join(run.command))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    total, done = len(arms) * len(seeds), 0
     runs: dict[str, dict[int, dict]] = {arm.name: {} for arm in arms}
-    print(f"[ttq] {len(arms)} arms x {len(seeds)} seeds = {total} runs into {out}", flush=True)
-    for seed in seeds:  # seed-major: machine drift spreads over every arm
-        for arm in arms:
-            done += 1
-            tag = f"[ttq {done}/{total}] {arm.name} seed {seed}"
-            print(f"{tag}: running", flush=True)
+    print(f"[ttq] {len(arms)} arms x {len(seeds)} seeds = {len(plan)} runs into {out}", flush=True)
+    for i, run in enumerate(plan, 1):
+        tag = f"[ttq {i}/{len(plan)}] {run.arm.name} seed {run.seed}"
+        if args.resume and run.finished():
+            how = "reused (--resume)"
+        else:
+            print(f"{tag}: running, log {run.log}", flush=True)
             start = time.perf_counter()
-            rc, run_dir, reused = execute(args, arm, seed, out)
+            rc = run.execute()
             if rc != 0:
-                print(f"{tag}: FAILED with exit code {rc}; log: {run_dir / 'log.txt'}",
-                      file=sys.stderr, flush=True)
+                tail = run.log.read_text(errors="replace").splitlines()[-15:]
+                print("\n".join(tail), file=sys.stderr)
+                print(f"{tag}: FAILED with exit code {rc}; log: {run.log}", file=sys.stderr,
+                      flush=True)
                 return rc
-            r = load_run(run_dir / "metrics.jsonl")
-            r.update(seed=seed, dir=str(run_dir))
-            runs[arm.name][seed] = r
-            how = "reused" if reused else f"took {time.perf_counter() - start:.1f} s"
-            print(f"{tag}: {how}; {r['optimizer_steps']} steps, training time "
-                  f"{r['train_time']:.1f} s, final val loss {r['final_loss']:.4f}", flush=True)
+            how = f"done in {time.perf_counter() - start:.1f} s"
+        r = load_run(run.metrics)
+        r.update(seed=run.seed, dir=str(run.dir))
+        runs[run.arm.name][run.seed] = r
+        print(f"{tag}: {how}; {r['optimizer_steps']} steps, training time "
+              f"{r['train_time']:.1f} s, final val loss {r['final_loss']:.4f}", flush=True)
 
     result = analyze(arms, runs)
     meta_file = args.data / "meta.json"

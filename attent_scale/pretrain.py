@@ -29,7 +29,7 @@ import torch.nn.functional as F
 MODEL_SHAPES = {
     # name: (hidden, layers, heads, kv heads, intermediate)
     "tiny": (64, 2, 4, 2, 128),
-    "demo": (128, 4, 4, 2, 384),
+    "demo": (128, 2, 4, 2, 384),
     "small": (384, 6, 6, 2, 1024),
     "100m": (768, 12, 12, 4, 2304),
 }
@@ -44,9 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=".cache/stdlib-corpus",
                    help="prepared corpus directory (built from the standard library if missing)")
     p.add_argument("--max-bytes", type=int, default=None,
-                   help="source bytes read when building the corpus (default 3000000; 0 = all)")
-    p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default 2048)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128)")
+                   help="source bytes read when building the corpus (default 1000000; 0 = all)")
+    p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default 1024)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64)")
     p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="demo")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training data")
     p.add_argument("--seed", type=int, default=0, help="model init and data order")
@@ -101,7 +101,8 @@ def build_model(shape: str, vocab: int, seq_len: int, seed: int):
     return LlamaForCausalLM(cfg)
 
 
-CORPUS_DEFAULTS = {"max_bytes": 3_000_000, "vocab_size": 2048, "seq_len": 128}
+# Sized so the README's demo finishes in a few minutes on 2 CPU cores.
+CORPUS_DEFAULTS = {"max_bytes": 1_000_000, "vocab_size": 1024, "seq_len": 64}
 
 
 def prepare_data(args, comm) -> dict:
@@ -251,6 +252,11 @@ def main(argv=None) -> int:
               if torch.cuda.is_available() else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Ranks sharing a CPU must not oversubscribe it: spinning OpenMP threads of two
+        # processes on the same cores slow each step down many times over.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     micro, global_batch = dsp.global_batch_size(ds_config, comm.world)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

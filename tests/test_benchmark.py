@@ -233,6 +233,14 @@ def test_dry_run_commands(capsys, tmp_path):
     assert not (tmp_path / "full@0.5").exists()
 
 
+def test_nproc_launches_through_torchrun(tmp_path):
+    args = bm.parse_args(["--out", str(tmp_path), "--arms", "random", "--seeds", "0",
+                          "--nproc", "2"])
+    cmd = bm.make_run(args, args.arm_list[0], 0).command
+    assert cmd[0].endswith("torchrun") and cmd[1:3] == ["--nproc_per_node", "2"]
+    assert cmd[cmd.index("-m") + 1] == "attent_scale.pretrain"
+
+
 def test_load_run_subtracts_evaluation_time(tmp_path):
     recs = [{"type": "eval", "step": 0, "time": 1.0, "val_loss": 6.0, "eval_time": 1.0,
              "tokens": 0},
@@ -256,7 +264,26 @@ def test_load_run_subtracts_evaluation_time(tmp_path):
         bm.load_run(path)
 
 
-# ---- one real run ----------------------------------------------------------------------------
+def test_resume_reuses_only_identical_finished_runs(tmp_path):
+    args = bm.parse_args(["--out", str(tmp_path), "--arms", "random", "--seeds", "0",
+                          "--model", "tiny"])
+    run = bm.make_run(args, args.arm_list[0], 0)
+    assert run.dir == tmp_path / "random" / "seed0" and not run.finished()
+    assert run.config["attent"] == {"preset": "random", "seed": 0}
+    run.dir.mkdir(parents=True)
+    (run.dir / "run.json").write_text(json.dumps(run.spec))
+    assert not run.finished()  # no metrics yet
+    recs = [{"type": "eval", "step": 0, "time": 1.0, "val_loss": 6.0, "eval_time": 1.0},
+            {"type": "summary", "teacher": "on"}]
+    run.metrics.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert run.finished()
+    args2 = bm.parse_args(["--out", str(tmp_path), "--arms", "random", "--seeds", "0",
+                           "--model", "tiny", "--lr", "0.01"])
+    other = bm.make_run(args2, args2.arm_list[0], 0)
+    assert other.dir == run.dir and not other.finished()  # another config: run again
+
+
+# ---- real runs -----------------------------------------------------------------------------
 
 def test_cli_end_to_end_on_cpu(tiny_corpus, tmp_path):
     out = tmp_path / "ttq"
@@ -290,3 +317,19 @@ def test_cli_end_to_end_on_cpu(tiny_corpus, tmp_path):
     assert (out / "random" / "seed0" / "log.txt").stat().st_size > 0
     assert (out / "ttq.md").read_text().count("\n| ") == 4  # header + 3 arms
     assert (out / "ttq.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_stops_at_a_failing_run_with_its_exit_code_and_log(tiny_corpus, tmp_path):
+    out = tmp_path / "ttq"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    # A micro batch larger than the corpus: the job refuses to start.
+    cmd = [sys.executable, "-m", "attent_scale.benchmark", "--out", str(out), "--data",
+           str(tiny_corpus), "--model", "tiny", "--epochs", "1", "--micro", "4096",
+           "--seeds", "0", "--arms", "full@1.0,random"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200)
+    log = out / "full@1.0" / "seed0" / "log.txt"
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"FAILED with exit code 1; log: {log}" in proc.stderr
+    assert "fewer than one global batch" in log.read_text()
+    assert not (out / "random").exists() and not (out / "ttq.json").exists()

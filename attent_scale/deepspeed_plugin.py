@@ -16,17 +16,10 @@ import deepspeed
 import torch
 
 from .comm import make_comm
-from .config import AttentConfig, split_deepspeed_config
 from .teacher import Teacher
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
-
-
-def load_config(path: str | Path, teacher: bool = True) -> tuple[dict, Optional[AttentConfig]]:
-    """(DeepSpeed config without ``attent``, validated teacher config or None)."""
-    ds_config, attent = split_deepspeed_config(path)
-    return ds_config, (attent if teacher else None)
 
 
 def global_batch_size(ds_config: dict, world: int) -> tuple[int, int]:

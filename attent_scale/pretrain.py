@@ -233,7 +233,17 @@ def _single_process_env() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # -- config first: a bad "attent" section fails before the slow imports ------------------
+    from .config import ConfigError, split_deepspeed_config
+    try:
+        ds_config, attent = split_deepspeed_config(args.deepspeed_config)
+    except (ConfigError, OSError) as exc:
+        raise SystemExit(f"attent-pretrain: {args.deepspeed_config}: {exc}") from None
+    if args.no_teacher:
+        attent = None
     _single_process_env()
+    from .streaming_data import adopt_launcher_env
+    adopt_launcher_env()
     import deepspeed
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -244,8 +254,7 @@ def main(argv=None) -> int:
     from .streaming_data import SubsetStreamingDataset, clean_shared_memory
     from .teacher import Teacher
 
-    # -- distributed, config ------------------------------------------------------------------
-    ds_config, attent = dsp.load_config(args.deepspeed_config, teacher=not args.no_teacher)
+    # -- distributed ----------------------------------------------------------------------------
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     comm = make_comm()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -29,6 +29,17 @@ def clean_shared_memory() -> None:
     clean_stale_shared_memory()
 
 
+def adopt_launcher_env() -> None:
+    """Give streaming the per-node world size under launchers that name it differently.
+
+    Streaming reads LOCAL_WORLD_SIZE (torchrun sets it); DeepSpeed's launcher sets LOCAL_SIZE.
+    Without it streaming would take every rank for a node of its own, and two "local leaders" on
+    one machine would collide in shared memory.
+    """
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+
+
 def _num_nodes() -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))

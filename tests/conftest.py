@@ -61,6 +61,11 @@ def run_job(config: Path, corpus: Path, out: Path, nproc: int = 2, extra: list[s
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), "-m", "attent_scale.pretrain", *args]
+    elif launcher == "deepspeed":
+        # The shipped launcher script; it finds `deepspeed` on PATH, next to this interpreter.
+        env.update(NUM_GPUS=str(nproc), CONFIG=str(config), MASTER_PORT=str(free_port()),
+                   PATH=os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]]))
+        cmd = ["bash", str(ROOT / "launchers" / "deepspeed" / "pretrain.sh"), *args[2:]]
     else:
         cmd = [sys.executable, "-m", "attent_scale.pretrain", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -46,3 +46,20 @@ def test_plain_deepspeed_job_without_section_trains_full_passes(tiny_corpus, tmp
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = next(r for r in records if r["type"] == "summary")
     assert summary["teacher"].startswith("off")
+
+
+def test_bad_attent_section_fails_at_start_with_every_problem(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8,
+                               "attent": {"ration": 0.5, "selection": {"method": "best"}}}))
+    proc = subprocess.run([sys.executable, "-m", "attent_scale.pretrain", "--deepspeed_config",
+                           str(cfg), "--out", str(tmp_path / "run")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "attent.ration: unknown key" in proc.stderr
+    assert "attent.selection.method: got 'best'" in proc.stderr
+    assert not (tmp_path / "run").exists(), "nothing may start before the config is valid"

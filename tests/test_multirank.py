@@ -57,3 +57,19 @@ def test_two_ranks_agree_train_each_selected_id_once_and_resume_exactly(stage, w
     again = read_ids(cut, 2)
     for r in range(2):
         assert again[r]["trained"] == logs[r]["trained"], f"rank {r} trained other ids"
+
+
+def test_deepspeed_launcher_script_two_ranks(tiny_corpus, tmp_path):
+    """launchers/deepspeed/pretrain.sh: DeepSpeed's launcher names the per-node world LOCAL_SIZE;
+    streaming must still see both ranks on one node and partition the selection between them."""
+    cfg = write_config(tmp_path / "ds.json", stage=2, attent={"preset": "attent-simple"})
+    out = tmp_path / "run"
+    run_job(cfg, tiny_corpus, out, launcher="deepspeed", extra=["--epochs", "2", "--no-plot"])
+    logs = read_ids(out, 2)
+    for p in (0, 1):
+        checksum, size = logs[0]["passes"][p]
+        assert logs[1]["passes"][p] == (checksum, size)
+        union = np.concatenate([logs[r]["trained"][p] for r in (0, 1)])
+        assert len(union) == size == len(np.unique(union))
+        assert selection_checksum(np.sort(union), np.ones(size)) == checksum
+    assert logs[0]["passes"][1][1] < logs[0]["passes"][0][1]

@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from attent_scale.benchmark import ds_config  # noqa: E402  (one DeepSpeed config for all tools)
 
 ARMS = {
     "plain": None,
@@ -27,26 +30,6 @@ ARMS = {
     "free-attn": {"preset": "attent-simple", "signal": "attention_fgrad"},
     "pool-loss": {"preset": "attent-simple", "source": "pool"},
 }
-
-
-def ds_config(args, attent) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": args.micro,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95],
-                                                  "weight_decay": 0.1, "torch_adam": True}},
-        "scheduler": {"type": "WarmupCosineLR",
-                      "params": {"total_num_steps": "auto", "warmup_num_steps": "auto",
-                                 "warmup_type": "linear", "cos_min_ratio": 0.1}},
-        "zero_optimization": {"stage": args.zero},
-    }
-    if args.bf16:
-        cfg["bf16"] = {"enabled": True}
-    if attent is not None:
-        cfg["attent"] = attent
-    return cfg
 
 
 def summary_of(metrics: Path) -> dict:

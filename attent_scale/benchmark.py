@@ -445,6 +445,10 @@ def analyze(arms: Sequence[Arm], runs: dict[str, dict[int, dict]]) -> dict[str, 
     points = [{"arm": a.name, "budget": a.budget, "time": per_arm[a.name]["train_time"]["mean"],
                "loss": per_arm[a.name]["final_loss"]["mean"]} for a in baselines]
     frontier = build_frontier([(p["time"], p["loss"]) for p in points])
+    # The same frontier on the compute clock (optimizer steps): immune to a host whose speed
+    # drifts between runs, it says how much training the teacher saves at equal loss.
+    step_frontier = build_frontier([(per_arm[a.name]["optimizer_steps"]["mean"],
+                                     per_arm[a.name]["final_loss"]["mean"]) for a in baselines])
     target_arm = next((a.name for a in baselines if a.name == TARGET_ARM),
                       baselines[-1].name if baselines else None)  # else: the largest budget
     target = per_arm[target_arm]["final_loss"]["mean"] if target_arm else None
@@ -459,12 +463,16 @@ def analyze(arms: Sequence[Arm], runs: dict[str, dict[int, dict]]) -> dict[str, 
             r["saving"] = saving(r["time_to_target"], baseline_time)
             r["frontier_time_at_final"] = frontier_time(frontier, r["final_loss"])
             r["saving_at_final"] = saving(r["train_time"], r["frontier_time_at_final"])
+            r["steps_saving_at_final"] = saving(r["optimizer_steps"],
+                                                frontier_time(step_frontier, r["final_loss"]))
         rs = list(runs.get(arm.name, {}).values())
-        for k in ("time_to_target", "tokens_to_target", "saving", "saving_at_final"):
+        for k in ("time_to_target", "tokens_to_target", "saving", "saving_at_final",
+                  "steps_saving_at_final"):
             per_arm[arm.name][k] = spread([r[k] for r in rs])
     return {"target": {"arm": target_arm, "loss": target, "frontier_time": baseline_time},
             "frontier": {"points": points,
-                         "monotone": [{"time": t, "loss": loss} for t, loss in frontier]},
+                         "monotone": [{"time": t, "loss": loss} for t, loss in frontier],
+                         "steps": [{"steps": t, "loss": loss} for t, loss in step_frontier]},
             "arms": per_arm}
 
 
@@ -510,12 +518,13 @@ def markdown(arms: Sequence[Arm], result: dict) -> str:
     lines += ["", "Times are training wall-clock seconds (evaluation excluded, teacher phases "
               "included). Saving = 1 − time to target / frontier time to target; at final loss = "
               "1 − training time / frontier time to the arm's final loss (out of range: that loss "
-              "lies outside the baselines' losses). Positive = faster than plain DeepSpeed. "
+              "lies outside the baselines' losses); in steps = the same on the compute clock (optimizer "
+              "steps, immune to a host's speed drift). Positive = faster than plain DeepSpeed. "
               "± is the sample standard deviation over seeds; [min, max] over seeds.", ""]
     lines += ["| arm | seeds | train time (s) | final val loss | time to target (s) | saving "
-              "[min, max] | saving at final loss [min, max] | teacher time (s) | examples "
-              "trained | peak GiB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "[min, max] | saving at final loss [min, max] | in steps [min, max] | teacher time (s) "
+              "| examples trained | peak GiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         a = per_arm[arm.name]
         n = a["train_time"]["n"]
@@ -527,6 +536,7 @@ def markdown(arms: Sequence[Arm], result: dict) -> str:
         lines.append(f"| {arm.name} | {n} | {_pm(a['train_time'])} | {_pm(a['final_loss'], 4)} | "
                      f"{ttt_cell} | {_saving_cell(a['saving'], 'never')} | "
                      f"{_saving_cell(a['saving_at_final'], 'out of range')} | "
+                     f"{_saving_cell(a['steps_saving_at_final'], 'out of range')} | "
                      f"{_pm(a['teacher_time'], 2)} | "
                      f"{_pm(a['examples_trained'], 0)} | {peak} |")
     return "\n".join(lines) + "\n"

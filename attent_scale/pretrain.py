@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -81,7 +81,6 @@ class Progress:
     eval_time: float = 0.0
     fingerprint: str = ""
     val_loss: Optional[float] = None
-    history: list = field(default_factory=list)
 
 
 def print0(*args) -> None:
@@ -233,6 +232,8 @@ def _single_process_env() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not 0.0 < args.budget_fraction <= 1.0:
+        raise SystemExit(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
     # -- config first: a bad "attent" section fails before the slow imports ------------------
     from .config import ConfigError, split_deepspeed_config
     try:
@@ -288,8 +289,6 @@ def main(argv=None) -> int:
     teacher = Teacher(attent, meta["num_train"], args.epochs, global_batch, comm,
                       data_seed=args.seed)
     gas = global_batch // (micro * comm.world)
-    if not 0.0 < args.budget_fraction <= 1.0:
-        raise SystemExit(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
     planned = max(1, math.floor(teacher.planned_steps() * args.budget_fraction))
     engine = dsp.initialize(model, dsp.resolve_auto(ds_config, planned))
     n_params = sum(p.numel() for p in model.parameters())
@@ -358,7 +357,8 @@ def main(argv=None) -> int:
             # Skipped by the teacher: what a full pass would have trained, minus the selection.
             prog.skipped += teacher.full_pass_size - len(selection.ids)
         if summary is not None:
-            bar.write(summary.line()) if comm.rank == 0 else None
+            if comm.rank == 0:
+                bar.write(summary.line())
             metrics.log({"type": "selection", "step": prog.step, "time": now(), "pass": p,
                          "kind": summary.kind, "ratio": summary.ratio,
                          "selected": summary.selected, "skipped": summary.skipped,
@@ -370,7 +370,7 @@ def main(argv=None) -> int:
             metrics.log({"type": "selection", "step": prog.step, "time": now(), "pass": p,
                          "kind": teacher.plan[p].kind, "ratio": teacher.plan[p].ratio,
                          "selected": len(selection.ids),
-                         "skipped": meta["num_train"] - len(selection.ids)})
+                         "skipped": teacher.full_pass_size - len(selection.ids)})
         if id_log and not resuming:
             id_log.write(json.dumps({"pass": p, "selection": selection.checksum,
                                      "size": len(selection.ids)}) + "\n")

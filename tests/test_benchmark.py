@@ -149,6 +149,20 @@ def test_analyze_target_frontier_and_savings():
     assert "3.1000" in md
 
 
+def test_analyze_saving_on_the_compute_clock():
+    arms = bm.parse_arms("full@0.5,full@1.0,random")
+    runs = {  # _run puts the points at steps 0, 10, 20, ...
+        "full@0.5": {0: _run([(0, 6.0), (9, 5.0), (30, 4.1)])},              # 20 steps
+        "full@1.0": {0: _run([(0, 6.0), (9, 5), (20, 4), (30, 3.5), (99, 3.1)])},  # 40 steps
+        "random": {0: _run([(0, 6.0), (9, 4.5), (50, 3.6)])},                 # 20 steps
+    }
+    res = bm.analyze(arms, runs)
+    assert res["frontier"]["steps"] == [{"steps": 20.0, "loss": 4.1}, {"steps": 40.0, "loss": 3.1}]
+    # The frontier needs 30 steps for 3.6; random took 20: one third fewer, whatever the clock.
+    assert runs["random"][0]["steps_saving_at_final"] == pytest.approx(1 / 3)
+    assert "+33.3%" in bm.markdown(arms, res)
+
+
 def test_analyze_target_falls_back_to_largest_budget():
     arms = bm.parse_arms("full@0.5,full@0.8")
     runs = {"full@0.5": {0: _run([(0, 6.0), (50, 4.0)])},

@@ -42,7 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-teacher", action="store_true", help="ignore the 'attent' section")
     p.add_argument("--out", default="runs/demo", help="metrics, plot and checkpoints go here")
     p.add_argument("--data", default=".cache/stdlib-corpus",
-                   help="prepared corpus directory (built from the standard library if missing)")
+                   help="prepared corpus directory (built from the standard library if missing); "
+                        "with --remote, the local cache of the remote corpus")
+    p.add_argument("--remote", default=None,
+                   help="a prepared corpus in an object store or another path (s3://bucket/dir): "
+                        "streamed into --data as a cache instead of building one")
     p.add_argument("--max-bytes", type=int, default=None,
                    help="source bytes read when building the corpus (default 1000000; 0 = all)")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default 1024)")
@@ -113,6 +117,12 @@ def prepare_data(args, comm) -> dict:
     from .data import prepare_corpus
     root = Path(args.data)
     wanted = {k: getattr(args, k) for k in CORPUS_DEFAULTS if getattr(args, k) is not None}
+    if args.remote:
+        # One download per node; the shards themselves stream in on demand.
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not (root / "meta.json").exists():
+            from .streaming_data import fetch_file
+            fetch_file(f"{args.remote.rstrip('/')}/meta.json", root / "meta.json")
+        comm.barrier()
     if (root / "meta.json").exists():
         meta = json.loads((root / "meta.json").read_text())
         clash = {k: (v, meta.get(k)) for k, v in wanted.items()
@@ -274,11 +284,14 @@ def main(argv=None) -> int:
     # -- data ---------------------------------------------------------------------------------
     meta = prepare_data(args, comm)
     clean_shared_memory()  # collective: every rank calls it
-    train_ds = SubsetStreamingDataset(local=str(Path(args.data) / "train"), batch_size=micro,
+    remote = (lambda split: f"{args.remote.rstrip('/')}/{split}") if args.remote else \
+        (lambda split: None)
+    train_ds = SubsetStreamingDataset(local=str(Path(args.data) / "train"),
+                                      remote=remote("train"), batch_size=micro,
                                       shuffle_seed=args.seed)
     from streaming import StreamingDataset
-    val_ds = StreamingDataset(local=str(Path(args.data) / "val"), batch_size=micro,
-                              shuffle=False)
+    val_ds = StreamingDataset(local=str(Path(args.data) / "val"), remote=remote("val"),
+                              batch_size=micro, shuffle=False)
 
     # -- model, teacher, engine ----------------------------------------------------------------
     model = build_model(args.model, meta["vocab_size"], meta["seq_len"], args.seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -38,6 +39,18 @@ def adopt_launcher_env() -> None:
     """
     if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+
+
+def fetch_file(remote: str, local: Path) -> None:
+    """Copy one file from a streaming remote (s3://..., gs://..., or a path) to ``local``.
+
+    Written under a temporary name and renamed, so a reader never sees half a file.
+    """
+    from streaming.base.storage.download import CloudDownloader
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
+    CloudDownloader.direct_download(remote, str(tmp))
+    os.replace(tmp, local)
 
 
 def _num_nodes() -> int:

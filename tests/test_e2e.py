@@ -63,3 +63,18 @@ def test_bad_attent_section_fails_at_start_with_every_problem(tmp_path):
     assert "attent.ration: unknown key" in proc.stderr
     assert "attent.selection.method: got 'best'" in proc.stderr
     assert not (tmp_path / "run").exists(), "nothing may start before the config is valid"
+
+
+def test_training_reads_a_remote_corpus_through_a_local_cache(tiny_corpus, tmp_path):
+    """--remote streams a prepared corpus into an empty --data cache (a path remote here; the
+    object-store case goes through the same streaming downloader)."""
+    cfg = write_config(tmp_path / "ds.json", stage=1, attent={"preset": "attent-simple"})
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    proc = run_job(cfg, cache, out, nproc=1, launcher="python",
+                   extra=["--epochs", "2", "--remote", str(tiny_corpus), "--no-plot"])
+    assert "final validation loss" in proc.stdout
+    meta = json.loads((tiny_corpus / "meta.json").read_text())
+    assert json.loads((cache / "meta.json").read_text())["fingerprint"] == meta["fingerprint"]
+    assert list((cache / "train").glob("shard.*.mds")), "train shards were not cached"
+    trained = read_ids(out, 1)[0]["trained"]
+    assert len(trained[0]) == (meta["num_train"] // 8) * 8

@@ -13,6 +13,7 @@ Build order: distributed init, config, data, model, teacher, engine, resume, the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -152,7 +153,7 @@ def forward_scores(engine, tokens, teacher, probe, score: bool):
     """Forward, per-token losses and (when ``score``) the teacher's per-example scores."""
     cfg = teacher.cfg
     score = score and cfg is not None
-    with probe.recording(score) if probe else _null():
+    with probe.recording(score) if probe else contextlib.nullcontext():
         logits = engine(input_ids=tokens).logits
     ce, labels = token_losses(logits, tokens)
     scores = None
@@ -189,12 +190,10 @@ class DeviceScores:
         self.items.clear()
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def load_tokens(ds, ids: np.ndarray, device) -> torch.Tensor:
+    """A [len(ids), T] batch read by random access (lockstep passes choose their own ids)."""
+    return torch.stack([torch.from_numpy(ds[int(i)]["tokens"].astype(np.int64))
+                        for i in ids]).to(device)
 
 
 @torch.no_grad()
@@ -205,8 +204,7 @@ def evaluate(engine, val_ds, n: int, micro: int, comm, device) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for ids, valid in lockstep_batches(np.arange(min(n, len(val_ds))), comm.rank, comm.world,
                                        micro):
-        tokens = torch.stack([torch.from_numpy(val_ds[int(i)]["tokens"].astype(np.int64))
-                              for i in ids]).to(device)
+        tokens = load_tokens(val_ds, ids, device)
         ce, _ = token_losses(engine(input_ids=tokens).logits, tokens)
         v = torch.from_numpy(valid).to(device)
         total[0] += ce.sum(dim=1)[v].double().sum()
@@ -222,8 +220,7 @@ def score_pool(engine, train_ds, ids, teacher, probe, micro, comm, device, stamp
     from .partition import lockstep_batches
     engine.eval()
     for batch_ids, valid in lockstep_batches(ids, comm.rank, comm.world, micro):
-        tokens = torch.stack([torch.from_numpy(train_ds[int(i)]["tokens"].astype(np.int64))
-                              for i in batch_ids]).to(device)
+        tokens = load_tokens(train_ds, batch_ids, device)
         _, scores = forward_scores(engine, tokens, teacher, probe, score=True)
         teacher.record(batch_ids[valid], scores.cpu().numpy()[valid], stamp)
     engine.train()

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attent_scale.benchmark import ds_config  # noqa: E402  (one DeepSpeed config for all tools)
+from attent_scale.report import read_metrics  # noqa: E402
 
 ARMS = {
     "plain": None,
@@ -38,7 +39,7 @@ def summary_of(metrics: Path) -> dict:
     Steady state: the median of tokens/s over the 10-step windows between training records, so
     start-up, evaluations and selections (each inside one window at most) do not weigh in.
     """
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = read_metrics(metrics)
     summary = next(r for r in records if r["type"] == "summary")
     train = [r for r in records if r["type"] == "train"]
     rates = sorted((b["tokens"] - a["tokens"]) / (b["time"] - a["time"])

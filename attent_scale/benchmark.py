@@ -46,6 +46,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,19 @@ POLICIES: dict[str, dict[str, Any]] = {
     "soft-rescale": {"selection": {"method": "soft", "temperature": 1.0, "rescale": True},
                      "ratio": {"value": 0.7}, "interval": {"schedule": "fixed", "every": 1}},
     "random-70": {"preset": "random", "ratio": {"value": 0.7}},
+    # The paper's recipe with each ingredient changed once (the policy sweep of BENCHMARKS.md):
+    # signal: the functional-gradient norm, or the same weighted by attention importance.
+    "attent-fgrad": {"preset": "attent-simple", "signal": "fgrad_norm"},
+    "attent-attn": {"preset": "attent-simple", "signal": "attention_fgrad"},
+    # RHO-LOSS critique: the highest losses may be unlearnable noise; never select the top 5%.
+    "hard-skip5": {"preset": "attent-simple", "selection": {"method": "hard", "skip_top": 0.05}},
+    # Soft (Gumbel-top-k) selection on softmax(loss / 0.5), re-drawn every pass from the
+    # freshest free scores: diversity instead of the same hard subset every pass.
+    "soft-T0.5": {"preset": "attent-simple", "interval": {"schedule": "fixed", "every": 1},
+                  "selection": {"method": "soft", "temperature": 0.5}},
+    # No staleness: a no-grad pass re-scores the whole set before every pass's top 70%.
+    "pool-every": {"preset": "attent-simple", "source": "pool",
+                   "interval": {"schedule": "fixed", "every": 1}},
     "hard-50": {"preset": "attent-simple", "ratio": {"value": 0.5}},
     "random-50": {"preset": "random", "ratio": {"value": 0.5}},
 }
@@ -79,6 +93,8 @@ POLICIES: dict[str, dict[str, Any]] = {
 DEFAULT_ARMS = "full@0.5,full@0.65,full@0.8,full@1.0,random,attent-simple"
 TARGET_ARM = "full@1.0"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_STARTED = re.compile(r"planned \d+ steps")  # the job's start line, printed once its data is open
+START_TIMEOUT_S = 300.0
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
@@ -309,8 +325,11 @@ def _torchrun() -> str:
 
 
 def run_command(args: argparse.Namespace, arm: Arm, seed: int, run_dir: Path) -> list[str]:
+    # Runs side by side (--gpus) must not share streaming's shared memory: each reads the corpus
+    # through its own path (a link made by Run.execute) and leaves the others' segments alone.
+    data = run_dir / "data" if args.gpu_slots else args.data
     cmd = ["--deepspeed_config", str(run_dir / "ds_config.json"), "--out", str(run_dir),
-           "--data", str(args.data), "--model", args.model, "--epochs", str(args.epochs),
+           "--data", str(data), "--model", args.model, "--epochs", str(args.epochs),
            "--seed", str(seed), "--eval-every", str(args.eval_every),
            "--eval-samples", str(args.eval_samples), "--no-resume"]
     for flag in ("seq_len", "vocab_size", "max_bytes"):
@@ -320,6 +339,8 @@ def run_command(args: argparse.Namespace, arm: Arm, seed: int, run_dir: Path) ->
         cmd += ["--no-teacher", "--budget-fraction", repr(arm.budget)]
     if not args.run_plots:
         cmd.append("--no-plot")
+    if args.gpu_slots:
+        cmd.append("--no-shm-clean")
     if args.nproc > 1:
         return [_torchrun(), "--nproc_per_node", str(args.nproc), "--master_port", "{port}",
                 "-m", "attent_scale.pretrain", *cmd]
@@ -379,6 +400,7 @@ class Run:
     dir: Path
     config: dict
     command: list[str]
+    corpus: Optional[Path] = None  # with --gpus: the corpus the run reads through OUT/.../data
 
     @property
     def log(self) -> Path:
@@ -400,20 +422,40 @@ class Run:
         except (OSError, ValueError, RuntimeError):
             return False
 
-    def execute(self) -> int:
-        """Run the job (stdout and stderr into log.txt); returns its exit code."""
+    def execute(self, gpu: Optional[str] = None, start_gate: Optional[threading.Lock] = None
+                ) -> int:
+        """Run the job (stdout and stderr into log.txt); returns its exit code.
+
+        ``gpu``: the CUDA device(s) the run may see (CUDA_VISIBLE_DEVICES), for ``--gpus``.
+        ``start_gate``: held from the launch until the job has opened its datasets (its log shows
+        the "planned N steps" line) or exited: streaming registers a dataset's shared memory
+        without a lock, so two jobs of one node opening datasets at the same instant can both
+        claim the same segment and one fails with FileExistsError."""
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in (self.metrics, self.dir / "run.json"):  # the job appends to metrics.jsonl
             stale.unlink(missing_ok=True)
         (self.dir / "ds_config.json").write_text(json.dumps(self.config, indent=1) + "\n")
+        if self.corpus is not None and not (self.dir / "data").exists():
+            (self.dir / "data").symlink_to(self.corpus, target_is_directory=True)
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
                                                           os.environ.get("PYTHONPATH")]))
         launch = [str(_free_port()) if c == "{port}" else c for c in self.command]
         with open(self.log, "w") as fh:
             fh.write("$ " + " ".join(launch) + "\n")
             fh.flush()
-            rc = subprocess.run(launch, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+            if start_gate is None:
+                rc = subprocess.run(launch, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+            else:
+                with start_gate:
+                    proc = subprocess.Popen(launch, stdout=fh, stderr=subprocess.STDOUT, env=env)
+                    deadline = time.monotonic() + START_TIMEOUT_S
+                    while (proc.poll() is None and time.monotonic() < deadline
+                           and not _STARTED.search(self.log.read_text(errors="replace"))):
+                        time.sleep(0.5)
+                rc = proc.wait()
         if rc == 0:
             (self.dir / "run.json").write_text(json.dumps(self.spec, indent=1) + "\n")
         return rc
@@ -422,7 +464,7 @@ class Run:
 def make_run(args: argparse.Namespace, arm: Arm, seed: int) -> Run:
     run_dir = args.out / arm.name / f"seed{seed}"
     return Run(arm, seed, run_dir, ds_config(args, arm.attent(seed)),
-               run_command(args, arm, seed, run_dir))
+               run_command(args, arm, seed, run_dir), args.data if args.gpu_slots else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,10 +686,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-bytes", type=int, help="corpus option (0 = all the source)")
     p.add_argument("--nproc", type=int, default=1,
                    help="ranks per run (>1 launches each run with torchrun)")
+    p.add_argument("--gpus", default=None,
+                   help="comma list of CUDA devices (e.g. 0,1,2,3): run that many runs at once, "
+                        "each on its own device(s); with --nproc N each slot is N devices "
+                        "(e.g. 0+1,2+3). Default: one run at a time on what the job sees")
     p.add_argument("--resume", action="store_true",
                    help="reuse runs in --out that finished with the identical config and command")
     p.add_argument("--run-plots", action="store_true", help="also write each run's metrics.png")
     p.add_argument("--dry-run", action="store_true", help="print the runs' commands and exit")
+    p.add_argument("--reanalyze", action="store_true",
+                   help="run nothing: rebuild ttq.json/md/png from the runs' metrics already in "
+                        "--out (e.g. copied from the GPU host); unfinished runs are left out")
     args = p.parse_args(argv)
     try:
         args.arm_list = parse_arms(args.arms)
@@ -656,9 +705,76 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(exc))
     if args.nproc < 1:
         p.error("--nproc must be >= 1")
+    args.gpu_slots = None
+    if args.gpus is not None:
+        slots = [g.strip().replace("+", ",") for g in args.gpus.split(",") if g.strip()]
+        if not slots or any(not re.fullmatch(r"\d+(,\d+)*", g) for g in slots):
+            p.error(f"--gpus: got {args.gpus!r}; allowed: device numbers separated by commas, "
+                    "a slot of several devices joined by + (e.g. 0,1 or 0+1,2+3)")
+        if any(len(g.split(",")) != args.nproc for g in slots):
+            p.error(f"--gpus: every slot must hold --nproc={args.nproc} devices; got {args.gpus!r}")
+        args.gpu_slots = slots
     args.out = Path(args.out).expanduser().resolve()
     args.data = Path(args.data).expanduser().resolve()  # runs may start from another directory
     return args
+
+
+def execute_plan(plan: Sequence[Run], runs: dict[str, dict[int, dict]], resume: bool,
+                 gpu_slots: Optional[Sequence[str]] = None) -> int:
+    """Run (or, with ``resume``, reuse) every run of the plan; fill ``runs[arm][seed]``.
+
+    Without ``gpu_slots`` runs go one after another. With slots, each slot (a CUDA device list)
+    takes the next run in plan order as soon as it is free, so several runs share the machine; their
+    wall-clock times then include that sharing, while steps and losses do not depend on it.
+    Returns 0, or the exit code of the first run that failed (no new run starts after a failure).
+    """
+    lock = threading.Lock()
+    start_gate = threading.Lock() if gpu_slots else None
+    queue = list(enumerate(plan, 1))
+    failed: list[int] = []
+
+    def finish(i: int, run: Run, how: str) -> None:
+        r = load_run(run.metrics)
+        r.update(seed=run.seed, dir=str(run.dir))
+        with lock:
+            runs[run.arm.name][run.seed] = r
+            print(f"[ttq {i}/{len(plan)}] {run.arm.name} seed {run.seed}: {how}; "
+                  f"{r['optimizer_steps']} steps, training time {r['train_time']:.1f} s, final "
+                  f"val loss {r['final_loss']:.4f}", flush=True)
+
+    def worker(gpu: Optional[str]) -> None:
+        while True:
+            with lock:
+                if failed or not queue:
+                    return
+                i, run = queue.pop(0)
+            tag = f"[ttq {i}/{len(plan)}] {run.arm.name} seed {run.seed}"
+            if resume and run.finished():
+                finish(i, run, "reused (--resume)")
+                continue
+            where = "" if gpu is None else f" on CUDA device(s) {gpu}"
+            print(f"{tag}: running{where}, log {run.log}", flush=True)
+            start = time.perf_counter()
+            rc = run.execute(gpu, start_gate)
+            if rc != 0:
+                with lock:
+                    failed.append(rc)
+                    tail = run.log.read_text(errors="replace").splitlines()[-15:]
+                    print("\n".join(tail), file=sys.stderr)
+                    print(f"{tag}: FAILED with exit code {rc}; log: {run.log}", file=sys.stderr,
+                          flush=True)
+                return
+            finish(i, run, f"done in {time.perf_counter() - start:.1f} s")
+
+    if not gpu_slots:
+        worker(None)
+    else:
+        threads = [threading.Thread(target=worker, args=(g,)) for g in gpu_slots]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return failed[0] if failed else 0
 
 
 def main(argv=None) -> int:
@@ -673,32 +789,25 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[int, dict]] = {arm.name: {} for arm in arms}
     print(f"[ttq] {len(arms)} arms x {len(seeds)} seeds = {len(plan)} runs into {out}", flush=True)
-    for i, run in enumerate(plan, 1):
-        tag = f"[ttq {i}/{len(plan)}] {run.arm.name} seed {run.seed}"
-        if args.resume and run.finished():
-            how = "reused (--resume)"
-        else:
-            print(f"{tag}: running, log {run.log}", flush=True)
-            start = time.perf_counter()
-            rc = run.execute()
-            if rc != 0:
-                tail = run.log.read_text(errors="replace").splitlines()[-15:]
-                print("\n".join(tail), file=sys.stderr)
-                print(f"{tag}: FAILED with exit code {rc}; log: {run.log}", file=sys.stderr,
-                      flush=True)
-                return rc
-            how = f"done in {time.perf_counter() - start:.1f} s"
-        r = load_run(run.metrics)
-        r.update(seed=run.seed, dir=str(run.dir))
-        runs[run.arm.name][run.seed] = r
-        print(f"{tag}: {how}; {r['optimizer_steps']} steps, training time "
-              f"{r['train_time']:.1f} s, final val loss {r['final_loss']:.4f}", flush=True)
+    if args.reanalyze:
+        for run in plan:
+            try:
+                r = load_run(run.metrics)
+            except (OSError, RuntimeError) as exc:
+                print(f"[ttq] {run.arm.name} seed {run.seed}: left out ({exc})", flush=True)
+                continue
+            r.update(seed=run.seed, dir=str(run.dir))
+            runs[run.arm.name][run.seed] = r
+    else:
+        rc = execute_plan(plan, runs, args.resume, args.gpu_slots)
+        if rc != 0:
+            return rc
 
     result = analyze(arms, runs)
     meta_file = args.data / "meta.json"
     report = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("arm_list", "seed_list")},
+                     if k not in ("arm_list", "seed_list", "gpu_slots")},
         "corpus": json.loads(meta_file.read_text()) if meta_file.exists() else None,
         "seeds": seeds,
         "arm_specs": {a.name: {"budget_fraction": a.budget, "attent": a.section,

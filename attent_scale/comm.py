@@ -32,6 +32,21 @@ class LocalComm:
     def barrier(self) -> None:
         return None
 
+    def all_reduce(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
+        _check_op(op)
+        return np.array(array, copy=True)
+
+    def exchange(self, dest: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(np.asarray(a) for a in arrays)
+
+
+_OPS = ("sum", "max", "min")
+
+
+def _check_op(op: str) -> None:
+    if op not in _OPS:
+        raise ValueError(f"reduce op {op!r} is not one of {_OPS}")
+
 
 class DistComm:
     """Collectives over a process group (the data-parallel group; default: the world)."""
@@ -40,10 +55,14 @@ class DistComm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        # NCCL only moves CUDA tensors; gloo only CPU ones.
-        backend = dist.get_backend(group)
-        self.device = (torch.device("cuda", torch.cuda.current_device())
-                       if backend == "nccl" else torch.device("cpu"))
+        self._nccl = dist.get_backend(group) == "nccl"
+
+    @property
+    def device(self) -> torch.device:
+        # NCCL only moves tensors on this rank's own GPU, gloo only CPU ones. Read the current
+        # device at each call, not once here: a job may create its comm before it picks its GPU.
+        return torch.device("cuda", torch.cuda.current_device()) if self._nccl else \
+            torch.device("cpu")
 
     def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         out = [torch.empty_like(t) for _ in range(self.world)]
@@ -84,6 +103,45 @@ class DistComm:
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+    def all_reduce(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
+        """Element-wise sum/max/min of an int64 or float64 array over ranks (a new array).
+
+        The sharded selection's histograms and counts: fixed-size, whatever the dataset size.
+        """
+        _check_op(op)
+        t = torch.from_numpy(np.array(array, copy=True)).to(self.device)
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                     "min": dist.ReduceOp.MIN}[op]
+        dist.all_reduce(t, op=reduce_op, group=self.group)
+        return t.cpu().numpy()
+
+    def exchange(self, dest: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """All-to-all: element i of each array goes to rank ``dest[i]``.
+
+        Returns what this rank received, in source-rank order and, within a source, in the order
+        sent. Routes score records to the rank that owns their ids.
+        """
+        dest = np.asarray(dest, dtype=np.int64)
+        order = np.argsort(dest, kind="stable")
+        send = np.bincount(dest, minlength=self.world).astype(np.int64)
+        recv = torch.empty(self.world, dtype=torch.int64, device=self.device)
+        dist.all_to_all_single(recv, torch.from_numpy(send).to(self.device), group=self.group)
+        send_sizes, recv_sizes = send.tolist(), recv.cpu().tolist()
+        out = []
+        for a in arrays:
+            t = torch.from_numpy(np.ascontiguousarray(np.asarray(a)[order])).to(self.device)
+            r = torch.empty(sum(recv_sizes), dtype=t.dtype, device=self.device)
+            dist.all_to_all_single(r, t, recv_sizes, send_sizes, group=self.group)
+            out.append(r.cpu().numpy())
+        return tuple(out)
+
+
+def world_if_initialized() -> Optional[tuple[int, int]]:
+    """(rank, world size) of the default process group, or None when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
 
 
 def make_comm(group: Optional[dist.ProcessGroup] = None) -> LocalComm | DistComm:

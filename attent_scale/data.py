@@ -290,11 +290,57 @@ def _write_mds(seqs: np.ndarray, out: Path, shard_bytes: int, progress: bool, de
     from streaming import MDSWriter
     from tqdm import tqdm
 
+    # A SHA-1 per shard in index.json lets every job verify its shards before training.
     with MDSWriter(out=str(out), columns={"tokens": "ndarray:int32"},
-                   size_limit=shard_bytes) as writer:
+                   size_limit=shard_bytes, hashes=["sha1"]) as writer:
         for row in tqdm(seqs, desc=desc, unit="seq", disable=not progress, dynamic_ncols=True,
                         mininterval=0.5):
             writer.write({"tokens": row})
+
+
+def verify_split(split_dir: PathLike, expected_samples: Optional[int] = None,
+                 allow_missing: bool = False) -> int:
+    """Check an MDS split before training: every shard present, of its recorded size and hash.
+
+    Returns the number of samples. Raises ValueError naming the shard and the fix. A truncated
+    or bit-flipped shard would otherwise surface mid-training as a decoding error, or not at all.
+    Shards written without hashes (older corpora) are checked by size only. ``allow_missing``:
+    shards absent here are fetched from a remote later, and streaming validates those on download.
+    """
+    split_dir = Path(split_dir)
+    index_path = split_dir / "index.json"
+    fix = f"delete {split_dir.parent} and prepare the corpus again (attent-prepare)"
+    try:
+        index = json.loads(index_path.read_text())
+        shards = index["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path} is missing or unreadable ({e}); {fix}") from e
+    total = 0
+    for shard in shards:
+        raw = shard["raw_data"]
+        path = split_dir / raw["basename"]
+        total += int(shard["samples"])
+        if not path.is_file():
+            if allow_missing:
+                continue
+            raise ValueError(f"shard {path} listed in {index_path} is missing; {fix}")
+        size = path.stat().st_size
+        if size != raw["bytes"]:
+            raise ValueError(f"shard {path} has {size} bytes, {raw['bytes']} expected (truncated "
+                             f"or overwritten); {fix}")
+        want = (raw.get("hashes") or {}).get("sha1")
+        if want is not None:
+            got = hashlib.sha1(path.read_bytes()).hexdigest()
+            if got != want:
+                raise ValueError(f"shard {path} fails its SHA-1 check (index {want}, file {got}): "
+                                 f"the file is corrupt; {fix}")
+    if total == 0:
+        raise ValueError(f"{split_dir} holds no samples (an empty dataset); prepare a corpus with "
+                         "more source text or a smaller seq_len")
+    if expected_samples is not None and total != expected_samples:
+        raise ValueError(f"{index_path} lists {total} samples but meta.json says "
+                         f"{expected_samples}: the shards do not belong to this corpus; {fix}")
+    return total
 
 
 # --------------------------------------------------------------------------------------------

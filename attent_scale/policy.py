@@ -86,6 +86,35 @@ def select_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> Selection:
     return _finish(ids[top], np.ones(k))
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser: a bijection of uint64 whose outputs pass BigCrush as a counter RNG."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def noise_key(rng: np.random.Generator) -> int:
+    """One 64-bit key drawn from ``rng``: it names the noise of one Gumbel-top-k draw."""
+    return int(rng.integers(0, 2 ** 64, dtype=np.uint64))
+
+
+def gumbel_noise(key: int, ids: np.ndarray) -> np.ndarray:
+    """Standard Gumbel noise of each id, a pure function of (key, id).
+
+    Counter-based (splitmix64 of key + id) rather than drawn in array order, so a rank holding only
+    a shard of the ids computes exactly the noise the whole-array path gives those ids: the sharded
+    selection (:mod:`attent_scale.sharded_select`) is bit-identical to this module's.
+    """
+    x = np.asarray(ids).astype(np.uint64) * _GOLDEN + np.uint64(key)
+    bits = _mix64(_mix64(x)) >> np.uint64(11)
+    # 53 random bits, centred in their cell: u in (0, 1) exactly, so both logs stay finite.
+    u = (bits.astype(np.float64) + 0.5) * (2.0 ** -53)
+    return -np.log(-np.log(u))
+
+
 def gumbel_inclusion(phi: np.ndarray, kappa: float) -> np.ndarray:
     """P(example is in the Gumbel-top-k set | threshold kappa) = 1 - exp(-exp(phi - kappa)).
 
@@ -99,29 +128,42 @@ def select_gumbel_topk(scores: np.ndarray, ids: np.ndarray, k: int, temperature:
                        rng: np.random.Generator, rescale: bool = False) -> Selection:
     """Sample k ids without replacement with probability proportional to exp(score / T).
 
-    Implemented as top-k of score / T + Gumbel noise. With ``rescale`` the weights are the inverse
-    conditional inclusion probabilities, normalised to mean 1.
+    Implemented as top-k of score / T + Gumbel noise, the noise of each id keyed by
+    (:func:`noise_key` of ``rng``, id). With ``rescale`` the weights are the inverse conditional
+    inclusion probabilities, normalised to mean 1 over the selection in id order (a fixed order,
+    so a sharded computation can reproduce the same float sum).
     """
     _check(scores, ids, k)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    phi = scores.astype(np.float64) / temperature
-    keys = phi + rng.gumbel(size=len(ids))
+    phi = gumbel_phi(scores, temperature)
+    keys = phi + gumbel_noise(noise_key(rng), ids)
     order = _order_desc(keys, ids)
     chosen = order[:k]
+    chosen = chosen[np.argsort(ids[chosen], kind="stable")]
     weights = np.ones(k)
     if rescale and 0 < k < len(ids):
-        kappa = keys[order[k]]
-        inv = 1.0 / gumbel_inclusion(phi[chosen], kappa)
-        weights = inv / inv.mean()
-    return _finish(ids[chosen], weights)
+        weights = rescale_weights(phi[chosen], keys[order[k]])
+    return Selection(ids[chosen].astype(np.int64), weights.astype(np.float64))
+
+
+def gumbel_phi(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """Unperturbed log-weights score / T (float64), shared by the gathered and sharded paths."""
+    return np.asarray(scores).astype(np.float64) / temperature
+
+
+def rescale_weights(phi_selected: np.ndarray, kappa: float) -> np.ndarray:
+    """Inverse conditional inclusion probabilities of the selection (in id order), mean 1."""
+    inv = 1.0 / gumbel_inclusion(phi_selected, kappa)
+    return inv / inv.mean()
 
 
 def select_random(ids: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
     """k ids uniformly without replacement: the budget-matched control.
 
-    Every id has inclusion probability k/n, so rescaled weights are all 1.
+    Every id has inclusion probability k/n, so rescaled weights are all 1. The k ids with the
+    largest counter noise (:func:`gumbel_noise`, keyed by id) rather than a permutation in array
+    order, so a rank holding a shard of the ids can take part (sharded_select.sharded_random).
     """
     _check(np.zeros(len(ids)), ids, k)
-    chosen = rng.permutation(len(ids))[:k]
-    return _finish(ids[chosen], np.ones(k))
+    return select_topk(gumbel_noise(noise_key(rng), ids), ids, k)

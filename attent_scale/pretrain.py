@@ -36,7 +36,8 @@ MODEL_SHAPES = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The job's options; the FSDP2 loop (pretrain_fsdp.py) takes the same ones."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--deepspeed_config", "--config", default="configs/zero1.json",
                    help="DeepSpeed JSON; its 'attent' section switches the teacher on")
@@ -64,12 +65,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=0,
                    help="save and exit after this many optimizer steps (tests resume)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    p.add_argument("--no-shm-clean", action="store_true",
+                   help="leave streaming's shared memory alone at start: another streaming job "
+                        "runs on this node (each such job must read its own --data path)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
     p.add_argument("--log-ids", action="store_true",
                    help="write the sample ids each rank trains to out/ids.rank<R>.jsonl")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 @dataclass
@@ -86,6 +94,7 @@ class Progress:
     eval_time: float = 0.0
     fingerprint: str = ""
     val_loss: Optional[float] = None
+    world: int = 0                # data-parallel ranks that wrote the checkpoint (0: unknown)
 
 
 def print0(*args) -> None:
@@ -142,6 +151,63 @@ def prepare_data(args, comm) -> dict:
     return json.loads((root / "meta.json").read_text())
 
 
+def resume_elastic(prog: Progress, teacher, world: int, global_batch: int) -> int:
+    """Adapt a checkpoint written on another world size; returns the new planned step count.
+
+    The teacher's state is global (the whole score table, the selection), so it carries over as
+    it is, except that a kept selection is cut to whole global batches of this world size. The
+    pass in progress continues where it stopped when the samples it consumed are whole global
+    batches here and its selection was not cut (streaming's sample order depends on the
+    canonical nodes, not on the rank count, so the same samples are skipped); otherwise it ends
+    at the checkpoint and its untrained ids are counted as skipped.
+    """
+    old_world = prog.world
+    resized = teacher.selection_resized
+    p, done = prog.pass_index, prog.samples_in_pass
+    note = ""
+    if done > 0:
+        size = resized[0] if resized else len(teacher.selection.ids)
+        if resized is not None or done % global_batch:
+            prog.skipped += size - done
+            prog.pass_index, prog.samples_in_pass = p + 1, 0
+            note = f"; pass {p} ends here, {size - done} of its {size} selected ids untrained"
+        else:
+            note = f"; pass {p} continues after its first {done} samples"
+    if resized is not None:
+        note += f"; the kept selection was cut from {resized[0]} to {resized[1]} ids"
+    print0(f"elastic resume: checkpoint of {old_world} ranks, now {world} (global batch "
+           f"{global_batch}); optimizer moments restart from the loaded weights{note}")
+    prog.world = world
+    # Steps so far had another global batch: the remaining plan is counted in this world's steps.
+    return prog.step + teacher.planned_steps()
+
+
+def check_corpus(root: Path, meta: dict, remote: bool) -> None:
+    """Refuse, before any training, a corpus that would train on wrong or unreadable data.
+
+    Every rank runs the same checks on the same files, so every rank stops with the same error
+    (no rank is left waiting in a collective).
+    """
+    from .data import load_tokenizer, verify_split
+    try:
+        # With a remote, absent shards stream in later and streaming validates them on download;
+        # so does index.json itself while the cache is still empty.
+        for split, n in (("train", meta["num_train"]), ("val", meta["num_val"])):
+            if remote and not (root / split / "index.json").exists():
+                continue
+            verify_split(root / split, n, allow_missing=remote)
+    except ValueError as exc:
+        raise SystemExit(f"attent-pretrain: --data {root}: {exc}") from None
+    if (root / "tokenizer.model").exists():
+        pieces = load_tokenizer(root).get_piece_size()
+        if pieces > meta["vocab_size"]:
+            # Token ids >= the embedding size would index past it: a crash on CPU, silent garbage
+            # or a device assert on GPU.
+            raise SystemExit(f"attent-pretrain: --data {root}: the tokenizer has {pieces} pieces "
+                             f"but meta.json's vocab_size (the model's embedding size) is "
+                             f"{meta['vocab_size']}; prepare the corpus again so they agree")
+
+
 def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token CE [B, T-1] with grad, labels [B, T-1]): next-token prediction."""
     labels = tokens[:, 1:]
@@ -153,11 +219,27 @@ def forward_scores(engine, tokens, teacher, probe, score: bool):
     """Forward, per-token losses and (when ``score``) the teacher's per-example scores."""
     cfg = teacher.cfg
     score = score and cfg is not None
-    with probe.recording(score) if probe else contextlib.nullcontext():
-        logits = engine(input_ids=tokens).logits
-    ce, labels = token_losses(logits, tokens)
+    grad_norm = score and cfg.signal == "grad_norm"
+    pool = grad_norm and not torch.is_grad_enabled()  # score_pool runs under no_grad
+    if grad_norm:
+        recording = probe.recording(keep_outputs=pool)
+    else:
+        recording = probe.recording(score) if probe else contextlib.nullcontext()
+    # grad_norm differentiates the losses to its layers' outputs, in a pool pass too, and there
+    # past the DeepSpeed engine, whose forward would take that backward for a training one
+    # (gradient-accumulation scaling, gradient reduction).
+    net = getattr(engine, "module", engine) if pool else engine
+    with torch.enable_grad() if pool else contextlib.nullcontext():
+        with recording:
+            logits = net(input_ids=tokens).logits
+        ce, labels = token_losses(logits, tokens)
     scores = None
-    if score:
+    if grad_norm:
+        from .signals import IGNORE_INDEX
+        mask = labels != IGNORE_INDEX
+        # Training step: filled in place by engine.backward; pool pass: computed here.
+        scores = probe.score_now(ce, mask) if pool else probe.attach(ce, mask)
+    elif score:
         from .signals import example_scores
         importance = probe.pop()[:, :-1] if probe else None
         scores = example_scores(cfg.signal, ce.detach(), labels, logits.detach()[:, :-1],
@@ -229,6 +311,13 @@ def score_pool(engine, train_ds, ids, teacher, probe, micro, comm, device, stamp
 def _single_process_env() -> None:
     # Started without a launcher: describe a world of one so init_distributed needs no MPI.
     if "RANK" not in os.environ:
+        # Bare `srun -n N` would start N jobs of one rank each, all writing to the same --out.
+        tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", 1))
+        if tasks > 1:
+            raise SystemExit(
+                f"attent-pretrain: srun started {tasks} tasks but RANK is unset, so each would "
+                "train alone; submit launchers/slurm/pretrain.sbatch, or set RANK, WORLD_SIZE, "
+                "LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in every task")
         import socket
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -250,8 +339,13 @@ def main(argv=None) -> int:
     if args.no_teacher:
         attent = None
     _single_process_env()
-    from .streaming_data import adopt_launcher_env
+    from .streaming_data import adopt_launcher_env, check_remote
     adopt_launcher_env()
+    if args.remote:
+        try:
+            check_remote(args.remote)
+        except ValueError as exc:
+            raise SystemExit(f"attent-pretrain: --remote: {exc}") from None
     import deepspeed
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -263,8 +357,12 @@ def main(argv=None) -> int:
     from .teacher import Teacher
 
     # -- distributed ----------------------------------------------------------------------------
+    # Checked before the process group exists: every rank exits alone, with nothing to tear down.
+    try:
+        micro, global_batch = dsp.global_batch_size(ds_config, int(os.environ["WORLD_SIZE"]))
+    except ValueError as exc:
+        raise SystemExit(f"attent-pretrain: {args.deepspeed_config}: {exc}") from None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    comm = make_comm()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
               if torch.cuda.is_available() else torch.device("cpu"))
     if device.type == "cuda":
@@ -274,13 +372,16 @@ def main(argv=None) -> int:
         # processes on the same cores slow each step down many times over.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    micro, global_batch = dsp.global_batch_size(ds_config, comm.world)
+    comm = make_comm()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     # -- data ---------------------------------------------------------------------------------
     meta = prepare_data(args, comm)
-    clean_shared_memory()  # collective: every rank calls it
+    check_corpus(Path(args.data), meta, remote=bool(args.remote))
+    if not args.no_shm_clean:
+        # Streaming's cleanup unlinks every segment it finds, a live job's included.
+        clean_shared_memory()  # collective: every rank calls it
     remote = (lambda split: f"{args.remote.rstrip('/')}/{split}") if args.remote else \
         (lambda split: None)
     train_ds = SubsetStreamingDataset(local=str(Path(args.data) / "train"),
@@ -296,6 +397,9 @@ def main(argv=None) -> int:
     if attent is not None and attent.signal == "attention_fgrad":
         from .attention import AttentionImportance
         probe = AttentionImportance(model, attent.attention.layers, attent.attention.query_chunk)
+    elif attent is not None and attent.signal == "grad_norm":
+        from .grad_norm import GradNormProbe
+        probe = GradNormProbe.from_config(model, attent.grad_norm)
     teacher = Teacher(attent, meta["num_train"], args.epochs, global_batch, comm,
                       data_seed=args.seed)
     gas = global_batch // (micro * comm.world)
@@ -307,20 +411,38 @@ def main(argv=None) -> int:
            f"global batch {global_batch}; teacher {'on' if attent else 'off'}; planned "
            f"{planned} steps")
 
-    prog = Progress(fingerprint=meta["fingerprint"])
+    prog = Progress(fingerprint=meta["fingerprint"], world=comm.world)
     ckpt = out / "checkpoints"
-    if not args.no_resume:
-        saved = dsp.load_checkpoint(engine, teacher, ckpt)
-        if saved is not None:
-            if saved["fingerprint"] != meta["fingerprint"]:
-                raise RuntimeError(f"checkpoint in {ckpt} was made on another dataset "
-                                   f"(fingerprint {saved['fingerprint']} != {meta['fingerprint']})"
-                                   "; use another --out or pass --no-resume")
-            prog = Progress(**saved)
-            print0(f"resumed at step {prog.step}, pass {prog.pass_index}, "
-                   f"{prog.samples_in_pass} samples into the pass")
+    try:
+        saved = None if args.no_resume else dsp.read_trainer_state(ckpt)
+    except RuntimeError as exc:
+        raise SystemExit(f"attent-pretrain: {exc}") from None
+    if saved is not None:
+        # Refused before anything loads: its scores and selection index another dataset.
+        if saved["fingerprint"] != meta["fingerprint"]:
+            raise SystemExit(f"attent-pretrain: the checkpoint in {ckpt} was made on another "
+                             f"dataset (its fingerprint {saved['fingerprint'][:12]}, --data "
+                             f"{args.data} has {meta['fingerprint'][:12]}); use another --out, "
+                             "the original --data, or pass --no-resume")
+        elastic = saved.get("world", 0) not in (0, comm.world)
+        if elastic and (dsp.zero_stage(ds_config) == 3 or args.budget_fraction < 1.0):
+            raise SystemExit(f"attent-pretrain: the checkpoint in {ckpt} was written by "
+                             f"{saved['world']} ranks, this job has {comm.world}; a resume on "
+                             "another world size needs ZeRO stage 0-2 and --budget-fraction 1 "
+                             "(see docs/RELIABILITY.md); resume on the original world size")
+        try:
+            dsp.load_checkpoint(engine, teacher, ckpt, load_optimizer_states=not elastic)
+        except RuntimeError as exc:
+            raise SystemExit(f"attent-pretrain: {exc}") from None
+        prog = Progress(**saved)
+        print0(f"resumed at step {prog.step}, pass {prog.pass_index}, "
+               f"{prog.samples_in_pass} samples into the pass")
+        if elastic:
+            planned = resume_elastic(prog, teacher, comm.world, global_batch)
+        prog.world = comm.world  # also for checkpoints written before the world was recorded
     metrics = MetricsLogger(out / "metrics.jsonl" if comm.rank == 0 else None)
-    id_log = open(out / f"ids.rank{comm.rank}.jsonl", "a") if args.log_ids else None
+    # Line-buffered: a killed job's log still holds every step it trained (crash tests rely on it).
+    id_log = open(out / f"ids.rank{comm.rank}.jsonl", "a", buffering=1) if args.log_ids else None
 
     # -- train ----------------------------------------------------------------------------------
     t0 = time.perf_counter() - prog.wall

@@ -53,6 +53,34 @@ def fetch_file(remote: str, local: Path) -> None:
     os.replace(tmp, local)
 
 
+def check_remote(remote: str) -> str:
+    """Return ``remote`` if streaming can read it (a path, or a scheme it has a downloader for).
+
+    Raises ValueError naming the allowed schemes. A password inside the URL is refused, and the
+    message shows the URL with it masked: credentials belong in the environment or the store's
+    credentials file, where nothing we print can reveal them.
+    """
+    from urllib.parse import urlsplit
+
+    from streaming.base.storage.download import DOWNLOADER_MAPPINGS
+    parts = urlsplit(remote)
+    if parts.password is not None:
+        masked = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1),
+                                query="", fragment="")
+        raise ValueError(f"{masked.geturl()} holds a password; remove it from the URL and give "
+                         "credentials through the environment (e.g. AWS_ACCESS_KEY_ID / "
+                         "AWS_SECRET_ACCESS_KEY) or the store's credentials file")
+    # "c:\data" parses with scheme "c"; a one-letter scheme is a Windows drive, i.e. a path.
+    if len(parts.scheme) > 1 and parts.scheme not in DOWNLOADER_MAPPINGS:
+        # "dbfs-uc" is streaming's internal name for dbfs:/Volumes paths, not a scheme.
+        allowed = ", ".join(f"{s}://" for s in sorted(DOWNLOADER_MAPPINGS)
+                            if s not in ("", "dbfs-uc"))
+        # Only the scheme is echoed: the rest of a URL can carry a signature or token.
+        raise ValueError(f"unsupported remote scheme {parts.scheme + '://'!r}: streaming has no "
+                         f"downloader for it; allowed: a local path or {allowed}")
+    return remote
+
+
 def _num_nodes() -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))

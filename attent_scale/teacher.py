@@ -25,8 +25,18 @@ from .config import AttentConfig
 from .policy import (PURPOSE_POOL, PURPOSE_REMAINDER, PURPOSE_SELECT, Selection, make_rng,
                      round_budget, select_gumbel_topk, select_random, select_topk)
 from .schedules import PassPlan, build_plan, full_plan
+from .sharded_select import (ShardedScoreTable, ShardFiles, global_max, order_key, quantiles,
+                             shard_range, sharded_gumbel_topk, sharded_random, sharded_topk,
+                             top_mask)
 
 STATE_VERSION = 1
+
+
+def use_sharding(mode: str, threshold: int, num_samples: int, world: int) -> bool:
+    """``selection.sharding``: shard the score table? (auto: more than one rank and N > threshold)"""
+    if mode == "auto":
+        return world > 1 and num_samples > threshold
+    return mode == "sharded"
 
 
 class SelectionError(RuntimeError):
@@ -70,11 +80,19 @@ class Teacher:
         self.comm = comm
         self.data_seed = data_seed
         self.plan: list[PassPlan] = build_plan(cfg, num_passes) if cfg else full_plan(num_passes)
-        self.scores = np.full(num_samples, np.nan, dtype=np.float64)
-        self.scored = np.zeros(num_samples, dtype=bool)
+        self.sharded = cfg is not None and use_sharding(cfg.selection.sharding,
+                                                        cfg.selection.sharding_threshold,
+                                                        num_samples, getattr(comm, "world", 1))
+        # Sharded: this rank's ids only (docs/SCALE.md); scores/scored then alias the shard.
+        self.table = ShardedScoreTable(num_samples, comm) if self.sharded else None
+        n_local = len(self.table.scores) if self.sharded else num_samples
+        self.scores = np.full(n_local, np.nan, dtype=np.float64)
+        self.scored = np.zeros(n_local, dtype=bool)
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.selection: Optional[Selection] = None
         self.selection_pass = -1
+        # (size saved, size kept) when a resume on another world size cut the selection.
+        self.selection_resized: Optional[tuple[int, int]] = None
         self._weight_of: dict[int, float] = {}
 
     # ---- plan -----------------------------------------------------------------------------
@@ -119,6 +137,10 @@ class Teacher:
         parts = self._pending or [(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))]
         local = [np.concatenate([part[i] for part in parts]) for i in range(3)]
         self._pending = []
+        if self.sharded:
+            self.table.scores, self.table.scored = self.scores, self.scored
+            self.table.merge(*local)
+            return
         ids, vals, stamps = self.comm.gather(*local)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.n):
             raise ValueError(f"score for sample id outside [0, {self.n}) received")
@@ -177,6 +199,8 @@ class Teacher:
         return Selection(ids, np.ones(len(ids)))
 
     def _select(self, p: int, step: PassPlan) -> tuple[Selection, PassSummary]:
+        if self.sharded:
+            return self._select_sharded(p, step)
         cfg = self.cfg
         scores = self.scores.copy()
         invalid = self.scored & ~np.isfinite(scores)
@@ -220,6 +244,58 @@ class Teacher:
             selected_mean_score=float(np.mean(scores[sel.ids])), checksum=sel.checksum)
         return sel, summary
 
+    def _select_sharded(self, p: int, step: PassPlan) -> tuple[Selection, PassSummary]:
+        """:meth:`_select` on this rank's shard: the same rules and, bit for bit, the same ids."""
+        cfg, comm = self.cfg, self.comm
+
+        def total(mask: np.ndarray) -> int:
+            return int(comm.all_reduce(np.array([np.count_nonzero(mask)], np.int64), "sum")[0])
+
+        ids = self.table.ids
+        scores = self.scores.copy()
+        invalid = self.scored & ~np.isfinite(scores)
+        unscored = ~self.scored
+        finite = self.scored & np.isfinite(scores)
+        fill = global_max(comm, scores[finite])
+        scores[unscored] = 0.0 if fill is None else fill
+        cand = ~invalid
+        c_ids, c_scores = ids[cand], scores[cand]
+        n_cand, n_invalid = total(cand), total(invalid)
+        if cfg.selection.method != "random" and cfg.selection.skip_top > 0 and n_cand:
+            n_skip = int(np.floor(cfg.selection.skip_top * n_cand))
+            skip = top_mask(order_key(c_scores), c_ids, n_skip, comm)
+            c_ids, c_scores = c_ids[~skip], c_scores[~skip]
+            n_cand -= n_skip
+        k = round_budget(self.n, step.ratio, self.global_batch)
+        k = min(k, (n_cand // self.global_batch) * self.global_batch)
+        if k == 0:
+            raise SelectionError(
+                f"selection budget of pass {p} rounds to zero: ratio {step.ratio:.4f} x "
+                f"{self.n} samples ({n_cand} selectable, {n_invalid} with NaN/inf "
+                f"scores) is less than one global batch of {self.global_batch}; raise "
+                "attent.ratio or lower the batch size")
+        rng = make_rng(cfg.seed, p, PURPOSE_SELECT)
+        method = cfg.selection.method
+        if method == "hard":
+            sel = sharded_topk(c_scores, c_ids, k, comm)
+        elif method == "soft":
+            if cfg.selection.transform == "log":
+                c_scores = np.log(np.maximum(c_scores, 1e-12))
+            sel = sharded_gumbel_topk(c_scores, c_ids, k, cfg.selection.temperature, rng, comm,
+                                      rescale=cfg.selection.rescale)
+        else:
+            sel = sharded_random(c_ids, k, rng, comm)
+        mine = sel.ids[(sel.ids >= self.table.lo) & (sel.ids < self.table.hi)] - self.table.lo
+        kept_sum = comm.all_reduce(np.array([scores[mine].sum()]), "sum")[0]
+        seen = scores[finite]
+        qs = quantiles(seen, [0.1, 0.5, 0.9], comm) if total(finite) else [0.0, 0.0, 0.0]
+        summary = PassSummary(
+            pass_index=p, kind="subset", round=step.round, ratio=step.ratio, selected=k,
+            skipped=self.n - k, invalid=n_invalid, unscored=total(unscored),
+            score_quantiles=[float(v) for v in qs],
+            selected_mean_score=float(kept_sum / k), checksum=sel.checksum)
+        return sel, summary
+
     # ---- state ----------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(JSON-able scalars, plain arrays). Call :meth:`sync` first so the state is global."""
@@ -228,6 +304,9 @@ class Teacher:
         meta = {"version": STATE_VERSION, "num_samples": self.n, "num_passes": len(self.plan),
                 "selection_pass": self.selection_pass}
         arrays = {"scores": self.scores, "scored": self.scored}
+        if self.sharded:
+            # This rank's ids only; save() writes one file pair per rank (world-size independent).
+            meta["shard"] = [self.table.lo, self.table.hi]
         if self.selection is not None:
             arrays["selection_ids"] = self.selection.ids
             arrays["selection_weights"] = self.selection.weights
@@ -240,18 +319,57 @@ class Teacher:
         if meta["num_samples"] != self.n:
             raise ValueError(f"teacher state is for {meta['num_samples']} samples but the dataset "
                              f"has {self.n}: the checkpoint belongs to another dataset")
-        self.scores = np.array(arrays["scores"], dtype=np.float64)
-        self.scored = np.array(arrays["scored"], dtype=bool)
+        if self.sharded:
+            # Whole-table arrays or ShardFiles of any world size: keep only this rank's slice.
+            self.table.load_full(arrays["scores"], arrays["scored"])
+            self.scores, self.scored = self.table.scores, self.table.scored
+        else:
+            self.scores = np.array(arrays["scores"], dtype=np.float64)
+            self.scored = np.array(arrays["scored"], dtype=bool)
         self.selection_pass = int(meta["selection_pass"])
         if "selection_ids" in arrays:
             self.selection = Selection(np.array(arrays["selection_ids"], dtype=np.int64),
                                        np.array(arrays["selection_weights"], dtype=np.float64))
+            self._fit_selection_to_global_batch()
+
+    def _fit_selection_to_global_batch(self) -> None:
+        """After a resume on another world size: cut the kept selection to whole global batches.
+
+        The remainder rule again (a seeded draw of the ids to drop, keyed by the selection's
+        pass), so every rank cuts the same ids and no pass pads or repeats.
+        """
+        sel, k = self.selection, len(self.selection.ids)
+        keep = (k // self.global_batch) * self.global_batch
+        if keep == k:
+            return
+        if keep == 0:
+            raise SelectionError(
+                f"the resumed selection of pass {self.selection_pass} has {k} ids, fewer than one "
+                f"global batch of {self.global_batch} on this world size; resume on fewer ranks "
+                "or a smaller micro batch")
+        order = make_rng(self.data_seed, self.selection_pass, PURPOSE_REMAINDER).permutation(k)
+        idx = np.sort(order[:keep])
+        self.selection = Selection(sel.ids[idx], sel.weights[idx])
+        self.selection_resized = (k, keep)
 
     def save(self, directory: Path, extra: Optional[dict] = None) -> None:
-        """Write the state as ``attent_state.json`` + ``attent_state.npz`` (no pickles)."""
+        """Write the state as ``attent_state.json`` + ``attent_state.npz`` (no pickles).
+
+        Sharded, EVERY rank must call it: each writes its shard as ``attent_scores.LO-HI.npy`` and
+        ``attent_scored.LO-HI.npy``, rank 0 also the JSON (which lists the shards) and the NPZ
+        (the selection). :meth:`read` reassembles them for any world size.
+        """
         meta, arrays = self.state_dict()
         meta = {**meta, **(extra or {})}
         directory.mkdir(parents=True, exist_ok=True)
+        if self.sharded:
+            lo, hi = meta.pop("shard")
+            np.save(directory / f"attent_scores.{lo}-{hi}.npy", arrays.pop("scores"))
+            np.save(directory / f"attent_scored.{lo}-{hi}.npy", arrays.pop("scored"))
+            if self.comm.rank != 0:
+                return
+            meta["score_shards"] = [list(shard_range(self.n, r, self.comm.world))
+                                    for r in range(self.comm.world)]
         np.savez(directory / "attent_state.npz", **arrays)
         (directory / "attent_state.json").write_text(json.dumps(meta, indent=1))
 
@@ -260,4 +378,9 @@ class Teacher:
         meta = json.loads((directory / "attent_state.json").read_text())
         with np.load(directory / "attent_state.npz", allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+        if "score_shards" in meta:  # written sharded: memory-mapped, sliced on demand
+            for name, dtype in (("scores", np.float64), ("scored", bool)):
+                arrays[name] = ShardFiles(
+                    [(lo, hi, np.load(directory / f"attent_{name}.{lo}-{hi}.npy", mmap_mode="r"))
+                     for lo, hi in meta["score_shards"]], dtype)
         return meta, arrays

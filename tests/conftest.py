@@ -62,9 +62,12 @@ def run_job(config: Path, corpus: Path, out: Path, nproc: int = 2, extra: list[s
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), "-m", "attent_scale.pretrain", *args]
     elif launcher == "deepspeed":
-        # The shipped launcher script; it finds `deepspeed` on PATH, next to this interpreter.
+        # The shipped launcher script, with the `deepspeed` launcher installed next to this
+        # interpreter.
+        # Name the launcher rather than putting the venv first on PATH: a PATH change would also
+        # pick another ninja, and two ninjas each rebuild DeepSpeed's CPU op after the other.
         env.update(NUM_GPUS=str(nproc), CONFIG=str(config), MASTER_PORT=str(free_port()),
-                   PATH=os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]]))
+                   DEEPSPEED=str(Path(sys.executable).with_name("deepspeed")))
         cmd = ["bash", str(ROOT / "launchers" / "deepspeed" / "pretrain.sh"), *args[2:]]
     else:
         cmd = [sys.executable, "-m", "attent_scale.pretrain", *args]
@@ -88,3 +91,89 @@ def read_ids(out: Path, nproc: int) -> dict[int, dict]:
                 trained.setdefault(rec["pass"], []).extend(rec["ids"])
         logs[r] = {"passes": passes, "trained": trained}
     return logs
+
+
+def assert_agree_and_exactly_once(logs: dict, num_ranks: int) -> list[int]:
+    """Every pass: one selection on all ranks, and the ranks' trained ids split it exactly.
+
+    Returns the passes checked. ``logs`` is what :func:`read_ids` returns.
+    """
+    import numpy as np
+
+    from attent_scale.policy import selection_checksum
+    passes = sorted(logs[0]["trained"])
+    for p in passes:
+        sums = {logs[r]["passes"][p] for r in range(num_ranks)}
+        assert len(sums) == 1, f"pass {p}: ranks logged different selections {sums}"
+        checksum, size = sums.pop()
+        union = np.concatenate([logs[r]["trained"].get(p, []) for r in range(num_ranks)])
+        assert len(union) == size, f"pass {p}: {len(union)} ids trained, {size} selected"
+        assert len(np.unique(union)) == size, f"pass {p}: an id was trained twice"
+        assert selection_checksum(np.sort(union), np.ones(size)) == checksum, \
+            f"pass {p}: the trained ids are not the selected ones"
+    return passes
+
+
+# ---- fine-tuning fixtures: GSM8K-format problems, a tiny tokenizer and a tiny Llama ----------
+NAMES = ["Tom", "Ana", "Li", "Sam", "Eva", "Omar", "Kim", "Raj"]
+THINGS = ["apples", "books", "coins", "cards", "pens", "shells"]
+
+
+def gsm8k_like(n: int, seed: int) -> list[dict]:
+    """Word problems in GSM8K's format (question / answer ending in '#### N'), deterministic."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        name, thing = rng.choice(NAMES), rng.choice(THINGS)
+        a, b = rng.randint(2, 60), rng.randint(2, 40)
+        if rng.random() < 0.5:
+            q = f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have?"
+            ans = f"{name} has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} {thing}.\n#### {a + b}"
+        else:
+            q = f"{name} has {a + b} {thing} and gives away {b}. How many {thing} are left?"
+            ans = f"{name} keeps {a + b}-{b} = <<{a + b}-{b}={a}>>{a} {thing}.\n#### {a}"
+        out.append({"question": q, "answer": ans})
+    return out
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir(tmp_path_factory) -> Path:
+    """train.jsonl (48 problems) and test.jsonl (8) in GSM8K's format."""
+    root = tmp_path_factory.mktemp("gsm8k")
+    for name, n, seed in (("train", 48, 0), ("test", 8, 1)):
+        (root / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in gsm8k_like(n, seed)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory, gsm8k_dir) -> Path:
+    """A from-scratch 2-layer Llama and a SentencePiece tokenizer, saved with save_pretrained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attent_scale.data import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+    from attent_scale.export import hf_tokenizer
+    root = tmp_path_factory.mktemp("tiny_hf")
+    texts = [r["question"] + "\n" + r["answer"] for r in gsm8k_like(200, 2)]
+    sp = root.parent / f"{root.name}.sp.model"
+    sp.write_bytes(train_tokenizer(texts, 400, 0))
+    hf_tokenizer(sp, 256).save_pretrained(str(root))
+    cfg = LlamaConfig(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                      bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(str(root))
+    sp.unlink()  # the model directory must stand on its own
+    return root
+
+
+@pytest.fixture(scope="session")
+def gsm8k_tokenized(tmp_path_factory, gsm8k_dir, tiny_hf_model) -> Path:
+    """The train problems through attent-instruct (datasets format), for the Trainer tests."""
+    from attent_scale.instruct import build
+    out = tmp_path_factory.mktemp("instruct") / "train"
+    build(gsm8k_dir / "train.jsonl", tiny_hf_model, out, fmt="hf", max_len=128, progress=False)
+    return out

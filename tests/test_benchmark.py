@@ -247,6 +247,20 @@ def test_dry_run_commands(capsys, tmp_path):
     assert not (tmp_path / "full@0.5").exists()
 
 
+@pytest.mark.parametrize("gpus,nproc,words", [("0,x", 1, "device numbers"),
+                                               ("0,1", 2, "--nproc=2 devices")])
+def test_bad_gpu_slots_are_refused(gpus, nproc, words, capsys):
+    with pytest.raises(SystemExit):
+        bm.parse_args(["--arms", "random", "--gpus", gpus, "--nproc", str(nproc)])
+    assert words in capsys.readouterr().err
+
+
+def test_gpu_slots_of_several_devices(tmp_path):
+    args = bm.parse_args(["--out", str(tmp_path), "--arms", "random", "--gpus", "0+1,2+3",
+                          "--nproc", "2"])
+    assert args.gpu_slots == ["0,1", "2,3"]
+
+
 def test_nproc_launches_through_torchrun(tmp_path):
     args = bm.parse_args(["--out", str(tmp_path), "--arms", "random", "--seeds", "0",
                           "--nproc", "2"])
@@ -297,9 +311,33 @@ def test_resume_reuses_only_identical_finished_runs(tmp_path):
     assert other.dir == run.dir and not other.finished()  # another config: run again
 
 
+def test_reanalyze_rebuilds_the_report_from_copied_runs_and_leaves_out_unfinished(tmp_path):
+    def write(arm, seed, steps, loss, time_s):
+        d = tmp_path / arm / f"seed{seed}"
+        d.mkdir(parents=True)
+        recs = [{"type": "eval", "step": 0, "time": 0.0, "val_loss": 6.0, "eval_time": 0.0},
+                {"type": "eval", "step": steps, "time": time_s, "val_loss": loss,
+                 "eval_time": 0.0},
+                {"type": "summary", "teacher": "x", "optimizer_steps": steps}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write("full@0.5", 0, 50, 5.0, 10.0)
+    write("full@1.0", 0, 100, 4.0, 20.0)
+    write("random", 0, 70, 4.5, 14.0)
+    (tmp_path / "random" / "seed1").mkdir()  # copied before it finished: no metrics
+    assert bm.main(["--out", str(tmp_path), "--arms", "full@0.5,full@1.0,random",
+                    "--seeds", "0,1", "--reanalyze"]) == 0
+    res = json.loads((tmp_path / "ttq.json").read_text())
+    assert res["target"]["loss"] == 4.0
+    assert set(res["runs"]["random"]) == {"0"}
+    # 14 s where the frontier needs 15 s for loss 4.5: a saving of 1 - 14/15.
+    assert res["arms"]["random"]["saving_at_final"]["mean"] == pytest.approx(1 - 14 / 15)
+
+
 # ---- real runs -----------------------------------------------------------------------------
 
 def test_cli_end_to_end_on_cpu(tiny_corpus, tmp_path):
+    """Two slots (--gpus 0,1; on CPU only CUDA_VISIBLE_DEVICES differs): runs go side by side,
+    so two streaming jobs share this node's shared memory and must not clean up each other's."""
     out = tmp_path / "ttq"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -307,7 +345,7 @@ def test_cli_end_to_end_on_cpu(tiny_corpus, tmp_path):
     cmd = [sys.executable, "-m", "attent_scale.benchmark", "--out", str(out), "--data",
            str(tiny_corpus), "--model", "tiny", "--epochs", "2", "--micro", "8", "--seeds", "0",
            "--arms", "full@0.5,full@1.0,random", "--eval-every", "20", "--eval-samples", "32",
-           "--lr", "3e-3"]
+           "--lr", "3e-3", "--gpus", "0,1"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("[ttq ") >= 6  # a start and an end line per run
@@ -329,6 +367,11 @@ def test_cli_end_to_end_on_cpu(tiny_corpus, tmp_path):
     assert cfg["attent"] == {"preset": "random", "seed": 0}
     assert "attent" not in json.loads((out / "full@0.5" / "seed0" / "ds_config.json").read_text())
     assert (out / "random" / "seed0" / "log.txt").stat().st_size > 0
+    for arm in ("full@0.5", "full@1.0", "random"):
+        run_dir = out / arm / "seed0"
+        assert (run_dir / "data").resolve() == tiny_corpus.resolve()
+        assert "--no-shm-clean" in (run_dir / "log.txt").read_text().splitlines()[0]
+    assert "on CUDA device(s) 0" in proc.stdout and "on CUDA device(s) 1" in proc.stdout
     assert (out / "ttq.md").read_text().count("\n| ") == 4  # header + 3 arms
     assert (out / "ttq.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

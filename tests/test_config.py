@@ -140,7 +140,7 @@ def test_one_error_lists_all_problems():
 
     preset = line_for("attent.preset")
     assert "'attent-fancy'" in preset
-    for name in ("attent-simple", "attent-complex", "random"):
+    for name in ("attent-soft", "attent-simple", "attent-complex", "random"):
         assert name in preset
 
     typo = line_for("attent.ration")
@@ -295,3 +295,32 @@ def test_cross_field_problems_are_reported_with_the_rest_and_their_exact_keys():
     keys = sorted(line.split(":")[0] for line in lines)
     assert keys == ["attent.ratio.value", "attent.selection.rescale",
                     "attent.selection.temperature", "attent.warmup_passes"]
+
+
+def test_grad_norm_signal_and_its_section():
+    cfg = parse_attent({"signal": "grad_norm", "grad_norm": {"last_blocks": 1,
+                                                             "modules": ["model.layers.0.*"]}})
+    assert cfg.signal == "grad_norm"
+    assert (cfg.grad_norm.last_blocks, cfg.grad_norm.include_head, cfg.grad_norm.method) == \
+        (1, True, "auto")
+    assert cfg.grad_norm.modules == ["model.layers.0.*"]
+
+
+def test_grad_norm_section_problems_are_reported_together():
+    with pytest.raises(ConfigError) as ei:
+        parse_attent({"signal": "grad_norm", "grad_norm": {
+            "last_blocks": 0, "include_head": False, "method": "exact", "chunk_elements": 10}})
+    lines = _problem_lines(ei.value)
+    keys = sorted(line.split(":")[0] for line in lines)
+    assert keys == ["attent.grad_norm.chunk_elements", "attent.grad_norm.method",
+                    "attent.grad_norm.modules"]
+    assert any("no layer selected" in line for line in lines)
+
+
+def test_attent_soft_preset_is_a_fresh_soft_draw_every_pass():
+    cfg = parse_attent({"preset": "attent-soft", "seed": 3})
+    assert (cfg.signal, cfg.source, cfg.warmup_passes) == ("loss", "free", 1)
+    assert (cfg.ratio.schedule, cfg.ratio.value) == ("constant", 0.7)
+    assert (cfg.interval.schedule, cfg.interval.every) == ("fixed", 1)
+    assert (cfg.selection.method, cfg.selection.temperature) == ("soft", 0.5)
+    assert cfg.seed == 3

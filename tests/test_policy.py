@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from attent_scale.policy import (PURPOSE_POOL, PURPOSE_REMAINDER, PURPOSE_SELECT, Selection,
-                                 gumbel_inclusion, make_rng, round_budget, select_gumbel_topk,
+                                 gumbel_inclusion, gumbel_noise, make_rng, noise_key,
+                                 round_budget, select_gumbel_topk,
                                  select_random, select_topk, selection_checksum)
 
 
@@ -233,7 +234,7 @@ def test_gumbel_rescale_weights_are_normalised_inverse_conditional_inclusion():
         assert sel.weights.mean() == pytest.approx(1.0, rel=1e-12)
         # reproduce the perturbed keys from the same stream
         phi = scores / temperature
-        keys = phi + np.random.default_rng(seed).gumbel(size=n)
+        keys = phi + gumbel_noise(noise_key(np.random.default_rng(seed)), ids)
         order = np.argsort(-keys, kind="stable")
         chosen = np.sort(order[:k])
         kappa = keys[order[k]]  # the (k+1)-th largest key
@@ -271,6 +272,23 @@ def test_gumbel_rescale_weights_trivial_cases():
     assert full.ids.tolist() == [2, 4, 8] and full.weights.tolist() == [1.0, 1.0, 1.0]
     empty = select_gumbel_topk(scores, ids, 0, 1.0, np.random.default_rng(0), rescale=True)
     assert len(empty.ids) == 0
+
+
+def test_gumbel_noise_is_keyed_by_id_and_standard_gumbel():
+    ids = np.arange(200_000, dtype=np.int64)
+    g = gumbel_noise(7, ids)
+    # a shard of the ids gets exactly the noise the whole array gives them, in any order
+    part = ids[123:4567][::-1].copy()
+    assert np.array_equal(gumbel_noise(7, part), g[123:4567][::-1])
+    assert not np.array_equal(gumbel_noise(8, ids[:100]), g[:100])
+    # standard Gumbel: mean = Euler-Mascheroni, variance pi^2 / 6, CDF exp(-exp(-x))
+    assert abs(g.mean() - 0.5772156649) < 0.01
+    assert abs(g.var() - math.pi ** 2 / 6) < 0.03
+    for x in (-1.0, 0.0, 1.0, 3.0):
+        assert abs(np.mean(g <= x) - math.exp(-math.exp(-x))) < 0.005
+    # neighbouring ids are uncorrelated
+    assert abs(np.corrcoef(g[:-1], g[1:])[0, 1]) < 0.01
+    assert np.all(np.isfinite(g))
 
 
 # ---- select_random ---------------------------------------------------------------------------------

@@ -520,3 +520,48 @@ def test_soft_log_transform_samples_proportional_to_the_score():
     assert np.allclose(sel.weights, expected.weights)
     # The log transform keeps low scores in play: identity softmax over [0.5, 4] would not.
     assert sel.ids.min() < N // 4
+
+
+# ---- reliability: NaN scores across a checkpoint, resume on another world size -----------------
+
+def test_nan_scores_stay_invalid_across_a_checkpoint_and_are_reported(tmp_path):
+    t = _teacher({"preset": "attent-simple"}, n=64)
+    scores = np.arange(64, dtype=float)
+    scores[[5, 60]] = [np.nan, np.inf]
+    t.begin_pass(0)
+    _record_in_batches(t, np.arange(64), scores)
+    t.sync()
+    t.save(tmp_path)
+    r = _teacher({"preset": "attent-simple"}, n=64)
+    r.load_state_dict(*Teacher.read(tmp_path))
+    sel, summary = r.begin_pass(1)
+    assert summary.invalid == 2 and "invalid 2" in summary.line()
+    assert 5 not in sel.ids and 60 not in sel.ids
+
+
+def test_resume_on_a_larger_global_batch_cuts_the_kept_selection(tmp_path):
+    """A selection of 5 batches of 8 resumed where a global batch is 16: 32 of its ids stay, the
+    same ones on every rank (seeded by the selection's pass), still sorted, weights kept."""
+    t = _teacher(SOFT, n=64, g=8)
+    t.begin_pass(0)
+    _record_in_batches(t, np.arange(64), np.linspace(0.0, 2.0, 64), g=8)
+    sel, _ = t.begin_pass(1)
+    assert len(sel.ids) == 40
+    t.save(tmp_path)
+    cuts = []
+    for _ in range(2):
+        r = _teacher(SOFT, n=64, g=16)
+        r.load_state_dict(*Teacher.read(tmp_path))
+        cuts.append(r.selection)
+        assert r.selection_resized == (40, 32)
+    a, b = cuts
+    assert len(a.ids) == 32 and a.checksum == b.checksum
+    assert np.all(np.diff(a.ids) > 0) and np.isin(a.ids, sel.ids).all()
+    assert np.array_equal(a.weights, sel.weights[np.isin(sel.ids, a.ids)])
+    # The same state on a smaller global batch needs no cut.
+    s = _teacher(SOFT, n=64, g=8)
+    s.load_state_dict(*Teacher.read(tmp_path))
+    assert s.selection_resized is None and s.selection.checksum == sel.checksum
+    # Fewer ids than one global batch: a clear error.
+    with pytest.raises(SelectionError, match="fewer than one global batch of 48"):
+        _teacher(SOFT, n=64, g=48).load_state_dict(*Teacher.read(tmp_path))

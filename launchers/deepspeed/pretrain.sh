@@ -7,10 +7,12 @@
 # CONFIG       DeepSpeed JSON; its "attent" section switches the teacher on
 #              (default configs/zero1.json)
 # MASTER_PORT  rendezvous port on this machine (default 29500); set another for a second job
+# DEEPSPEED    the deepspeed command (default: deepspeed on PATH)
 # Any further arguments go to attent_scale.pretrain (see --help), e.g. --epochs, --model, --data.
 set -euo pipefail
 NUM_GPUS=${NUM_GPUS:-1}
 CONFIG=${CONFIG:-configs/zero1.json}
 MASTER_PORT=${MASTER_PORT:-29500}
-exec deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" \
+DEEPSPEED=${DEEPSPEED:-deepspeed}
+exec "$DEEPSPEED" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" \
     --module attent_scale.pretrain --deepspeed_config "$CONFIG" "$@"

@@ -149,7 +149,9 @@ def test_two_sharded_ranks_match_a_full_copy(backend, tmp_path):
     assert res["0"]["reference"] != res["1"]["reference"]  # the ranks saw different data
 
 
-@pytest.mark.parametrize("source", ["free", "pool"])
+# Free scores during a real engine.backward are checked against the reference under ZeRO-3 and
+# FSDP2 above; the job runs the pool source, whose forward goes past the DeepSpeed engine.
+@pytest.mark.parametrize("source", ["pool"])
 def test_pretrain_job_with_grad_norm_signal_selects(source, tiny_corpus, tmp_path):
     """attent-pretrain, one process, ZeRO-1: scores from the training backward (free) or from a
     pool pass that differentiates past the engine (pool) drive a selection."""

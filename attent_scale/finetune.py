@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-teacher", action="store_true", help="ignore the 'attent' section")
     p.add_argument("--out", default="runs/finetune")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training data")
+    p.add_argument("--max-steps", type=int, default=-1,
+                   help="optimizer steps, overriding --epochs (a budget-matched full-data run); "
+                        "-1: --epochs decides")
     p.add_argument("--batch-size", type=int, default=8, help="micro batch per rank")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
     from transformers.trainer_utils import get_last_checkpoint
 
     from . import instruct
+    from .comm import shutdown
     from .gsm8k import load_causal_lm
     from .hf_trainer import AttentTrainer
 
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
     warmup = ({"warmup_ratio": args.warmup_ratio} if "warmup_ratio" in names
               else {"warmup_steps": args.warmup_ratio})
     targs = TrainingArguments(
-        output_dir=str(out), num_train_epochs=args.epochs,
+        output_dir=str(out), num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
         lr_scheduler_type="cosine", **warmup,
@@ -148,6 +152,7 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"stopped after step {trainer.state.global_step} (--stop-after); resume with "
                   "the same command", flush=True)
+        shutdown()
         return 0
 
     # -- save and report ------------------------------------------------------------------------
@@ -164,6 +169,7 @@ def main(argv=None) -> int:
         (out / "result.json").write_text(json.dumps(report, indent=1))
         print(json.dumps({k: report[k] for k in ("teacher", "steps") if k in report} |
                          {k: v for k, v in metrics.items() if "loss" in k or "runtime" in k}))
+    shutdown()
     return 0
 
 

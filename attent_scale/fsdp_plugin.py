@@ -188,11 +188,6 @@ def init_distributed(cuda: bool) -> None:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def save_checkpoint(model, optimizer, scheduler, teacher: Teacher, save_dir: Path, tag: str,
                     state: dict) -> None:
     """Collective: sharded model + optimizer (DCP), then teacher, schedule and trainer state,

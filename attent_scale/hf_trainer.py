@@ -29,7 +29,9 @@ What changes against the plain Trainer, and why:
   ``ignore_data_skip`` is forced on.
 
 Without the section (or with ``attent=None``) the same loader trains every pass on the full data
-with the same remainder rule and order: the fair baseline.
+with the same remainder rule and order: the fair baseline. Only there may ``max_steps`` be set: a
+full-data run cut to a teacher arm's step count, with its own complete schedule (the budget-matched
+baseline), trains as many whole passes as that needs and stops at ``max_steps``.
 """
 from __future__ import annotations
 
@@ -288,7 +290,8 @@ class AttentTrainer(Trainer):
     def _build_teacher(self) -> Teacher:
         args = self.args
         epochs = args.num_train_epochs
-        if args.max_steps and args.max_steps > 0 and self.teacher is None:
+        budget = args.max_steps if args.max_steps and args.max_steps > 0 else None
+        if budget is not None and self.attent_config is not None:
             raise ValueError(f"max_steps={args.max_steps}: the teacher plans whole passes; set "
                              "num_train_epochs instead and leave max_steps at -1")
         if float(epochs) != int(epochs) or int(epochs) < 1:
@@ -312,10 +315,19 @@ class AttentTrainer(Trainer):
         global_batch = (args.per_device_train_batch_size * args.gradient_accumulation_steps *
                         self.comm.world)
         seed = args.data_seed if args.data_seed is not None else args.seed
+        if budget is not None:
+            # Without a teacher a step budget is allowed (the budget-matched full-data baseline):
+            # enough whole passes are planned and the Trainer stops at max_steps, so its LR
+            # schedule spans exactly the budget.
+            per_pass = n // global_batch
+            if per_pass < 1:
+                raise ValueError(f"max_steps={budget}: {n} examples make no global batch of "
+                                 f"{global_batch}")
+            epochs = -(-budget // per_pass)
         teacher = Teacher(self.attent_config, n, int(epochs), global_batch, self.comm,
                           data_seed=seed)
         # The plan fixes the run's length; the Trainer's own arithmetic assumes equal epochs.
-        args.max_steps = teacher.planned_steps()
+        args.max_steps = min(budget, teacher.planned_steps()) if budget else teacher.planned_steps()
         args.ignore_data_skip = True
         cfg = self.attent_config
         if cfg is not None and cfg.signal == "attention_fgrad":

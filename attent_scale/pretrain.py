@@ -8,7 +8,9 @@ Two ranks on one machine (CPU or GPU):
 The same job without the teacher: remove the "attent" section, set "enabled": false, or pass
 --no-teacher.
 
-Build order: distributed init, config, data, model, teacher, engine, resume, then train().
+Build order: config, distributed init, data, model, teacher, engine, resume, then the pass loop;
+loop.Run keeps the books around it (progress, logs, evaluation, checkpoints), shared with the
+FSDP2 job (pretrain_fsdp.py).
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -328,32 +329,16 @@ def _single_process_env() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not 0.0 < args.budget_fraction <= 1.0:
-        raise SystemExit(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
-    # -- config first: a bad "attent" section fails before the slow imports ------------------
-    from .config import ConfigError, split_deepspeed_config
-    try:
-        ds_config, attent = split_deepspeed_config(args.deepspeed_config)
-    except (ConfigError, OSError) as exc:
-        raise SystemExit(f"attent-pretrain: {args.deepspeed_config}: {exc}") from None
-    if args.no_teacher:
-        attent = None
-    _single_process_env()
-    from .streaming_data import adopt_launcher_env, check_remote
-    adopt_launcher_env()
-    if args.remote:
-        try:
-            check_remote(args.remote)
-        except ValueError as exc:
-            raise SystemExit(f"attent-pretrain: --remote: {exc}") from None
+    # A bad "attent" section or option fails before the slow imports.
+    from .loop import start_job
+    ds_config, attent = start_job(args, "attent-pretrain")
     import deepspeed
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     from . import deepspeed_plugin as dsp
-    from .comm import make_comm
-    from .report import MetricsLogger, format_summary, plot_metrics
-    from .streaming_data import SubsetStreamingDataset, clean_shared_memory
+    from .comm import make_comm, shutdown
+    from .loop import (Run, local_device, make_probe, open_data, refuse_foreign_checkpoint,
+                       weighted_loss)
     from .teacher import Teacher
 
     # -- distributed ----------------------------------------------------------------------------
@@ -363,46 +348,19 @@ def main(argv=None) -> int:
     except ValueError as exc:
         raise SystemExit(f"attent-pretrain: {args.deepspeed_config}: {exc}") from None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-              if torch.cuda.is_available() else torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        # Ranks sharing a CPU must not oversubscribe it: spinning OpenMP threads of two
-        # processes on the same cores slow each step down many times over.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    device = local_device()
     comm = make_comm()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     # -- data ---------------------------------------------------------------------------------
-    meta = prepare_data(args, comm)
-    check_corpus(Path(args.data), meta, remote=bool(args.remote))
-    if not args.no_shm_clean:
-        # Streaming's cleanup unlinks every segment it finds, a live job's included.
-        clean_shared_memory()  # collective: every rank calls it
-    remote = (lambda split: f"{args.remote.rstrip('/')}/{split}") if args.remote else \
-        (lambda split: None)
-    train_ds = SubsetStreamingDataset(local=str(Path(args.data) / "train"),
-                                      remote=remote("train"), batch_size=micro,
-                                      shuffle_seed=args.seed)
-    from streaming import StreamingDataset
-    val_ds = StreamingDataset(local=str(Path(args.data) / "val"), remote=remote("val"),
-                              batch_size=micro, shuffle=False)
+    meta, train_ds, val_ds = open_data(args, comm, micro)
 
     # -- model, teacher, engine ----------------------------------------------------------------
     model = build_model(args.model, meta["vocab_size"], meta["seq_len"], args.seed)
-    probe = None
-    if attent is not None and attent.signal == "attention_fgrad":
-        from .attention import AttentionImportance
-        probe = AttentionImportance(model, attent.attention.layers, attent.attention.query_chunk)
-    elif attent is not None and attent.signal == "grad_norm":
-        from .grad_norm import GradNormProbe
-        probe = GradNormProbe.from_config(model, attent.grad_norm)
+    probe = make_probe(model, attent)
     teacher = Teacher(attent, meta["num_train"], args.epochs, global_batch, comm,
                       data_seed=args.seed)
-    gas = global_batch // (micro * comm.world)
     planned = max(1, math.floor(teacher.planned_steps() * args.budget_fraction))
     engine = dsp.initialize(model, dsp.resolve_auto(ds_config, planned))
     n_params = sum(p.numel() for p in model.parameters())
@@ -411,6 +369,7 @@ def main(argv=None) -> int:
            f"global batch {global_batch}; teacher {'on' if attent else 'off'}; planned "
            f"{planned} steps")
 
+    # -- resume ---------------------------------------------------------------------------------
     prog = Progress(fingerprint=meta["fingerprint"], world=comm.world)
     ckpt = out / "checkpoints"
     try:
@@ -418,12 +377,7 @@ def main(argv=None) -> int:
     except RuntimeError as exc:
         raise SystemExit(f"attent-pretrain: {exc}") from None
     if saved is not None:
-        # Refused before anything loads: its scores and selection index another dataset.
-        if saved["fingerprint"] != meta["fingerprint"]:
-            raise SystemExit(f"attent-pretrain: the checkpoint in {ckpt} was made on another "
-                             f"dataset (its fingerprint {saved['fingerprint'][:12]}, --data "
-                             f"{args.data} has {meta['fingerprint'][:12]}); use another --out, "
-                             "the original --data, or pass --no-resume")
+        refuse_foreign_checkpoint("attent-pretrain", saved, meta, ckpt, args.data)
         elastic = saved.get("world", 0) not in (0, comm.world)
         if elastic and (dsp.zero_stage(ds_config) == 3 or args.budget_fraction < 1.0):
             raise SystemExit(f"attent-pretrain: the checkpoint in {ckpt} was written by "
@@ -440,164 +394,28 @@ def main(argv=None) -> int:
         if elastic:
             planned = resume_elastic(prog, teacher, comm.world, global_batch)
         prog.world = comm.world  # also for checkpoints written before the world was recorded
-    metrics = MetricsLogger(out / "metrics.jsonl" if comm.rank == 0 else None)
-    # Line-buffered: a killed job's log still holds every step it trained (crash tests rely on it).
-    id_log = open(out / f"ids.rank{comm.rank}.jsonl", "a", buffering=1) if args.log_ids else None
 
     # -- train ----------------------------------------------------------------------------------
-    t0 = time.perf_counter() - prog.wall
-    now = lambda: time.perf_counter() - t0  # noqa: E731
-    # In a log file (not a terminal) redraw rarely, so the log stays readable.
-    bar = tqdm(total=planned, initial=prog.step, disable=comm.rank != 0, desc="train",
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
-
-    def checkpoint(tag: str) -> None:
-        pending.flush(teacher, window)
-        prog.wall = now()
-        dsp.save_checkpoint(engine, teacher, ckpt, tag, prog.__dict__)
-
-    def sync_clock() -> float:
-        # CUDA runs ahead of Python: wait for queued work so phase times are not misattributed.
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def run_eval() -> None:
-        start = sync_clock()
-        prog.val_loss = evaluate(engine, val_ds, args.eval_samples, micro, comm, device)
-        prog.eval_time += sync_clock() - start
-        metrics.log({"type": "eval", "step": prog.step, "time": now(), "val_loss": prog.val_loss,
-                     "eval_time": prog.eval_time,
-                     "tokens": prog.tokens})
-        bar.set_postfix(val=f"{prog.val_loss:.4f}")
-
-    window: list[np.ndarray] = []  # this rank's free scores since the last train record
-    pending = DeviceScores()
-    if prog.step == 0:
-        run_eval()
-    stopped = False
-    for p in range(prog.pass_index, args.epochs):
-        resuming = p == prog.pass_index and prog.samples_in_pass > 0
-        t_teacher = sync_clock()
-        pool = teacher.pool_ids(p)
-        if pool is not None and not resuming:
-            score_pool(engine, train_ds, pool, teacher, probe, micro, comm, device, prog.step)
-        pending.flush(teacher, window)
-        selection, summary = teacher.begin_pass(p)
-        prog.teacher_time += sync_clock() - t_teacher
-        if not resuming:
-            # Skipped by the teacher: what a full pass would have trained, minus the selection.
-            prog.skipped += teacher.full_pass_size - len(selection.ids)
-        if summary is not None:
-            if comm.rank == 0:
-                bar.write(summary.line())
-            metrics.log({"type": "selection", "step": prog.step, "time": now(), "pass": p,
-                         "kind": summary.kind, "ratio": summary.ratio,
-                         "selected": summary.selected, "skipped": summary.skipped,
-                         "invalid": summary.invalid, "unscored": summary.unscored,
-                         "q10": summary.score_quantiles[0], "q50": summary.score_quantiles[1],
-                         "q90": summary.score_quantiles[2],
-                         "selected_mean": summary.selected_mean_score})
-        elif not resuming:
-            metrics.log({"type": "selection", "step": prog.step, "time": now(), "pass": p,
-                         "kind": teacher.plan[p].kind, "ratio": teacher.plan[p].ratio,
-                         "selected": len(selection.ids),
-                         "skipped": teacher.full_pass_size - len(selection.ids)})
-        if id_log and not resuming:
-            id_log.write(json.dumps({"pass": p, "selection": selection.checksum,
-                                     "size": len(selection.ids)}) + "\n")
-        train_ds.set_pass(p, selection.ids, prog.samples_in_pass)
-        loader = DataLoader(train_ds, batch_size=micro, num_workers=args.workers)
-        for batch in loader:
+    run = Run(args, out, comm, teacher, prog, planned, device, engine, val_ds, micro,
+              save=lambda tag: dsp.save_checkpoint(engine, teacher, ckpt, tag, prog.__dict__))
+    for p in run.passes():
+        selection = run.begin_pass(p, train_ds, probe)
+        for batch in DataLoader(train_ds, batch_size=micro, num_workers=args.workers):
             ids = batch["id"].numpy()
             tokens = batch["tokens"].to(device=device, dtype=torch.long)
             ce, scores = forward_scores(engine, tokens, teacher, probe,
                                          score=teacher.wants_free_scores())
-            per_example = ce.mean(dim=1)
-            w = teacher.weights_for(ids)
-            if w is not None:
-                per_example = per_example * torch.as_tensor(w, device=device, dtype=ce.dtype)
-            loss = per_example.mean()
+            loss = weighted_loss(ce, ids, teacher)
+            # DeepSpeed accumulates over the window itself: its step() only steps at the end.
             engine.backward(loss)
             engine.step()
-            if teacher.wants_free_scores():
-                pending.add(ids, scores, prog.step)
-            if id_log:
-                id_log.write(json.dumps({"pass": p, "step": prog.step, "ids": ids.tolist()}) + "\n")
-            prog.samples_in_pass += micro * comm.world
-            prog.samples += micro * comm.world
-            prog.tokens += micro * comm.world * tokens.shape[1]
-            if (prog.samples_in_pass // (micro * comm.world)) % gas:
-                continue  # inside a gradient-accumulation window: no optimizer step yet
-            prog.step += 1
-            bar.update(1)
-            if prog.step % 10 == 0 or prog.step == planned:
-                record = {"type": "train", "step": prog.step, "time": now(),
-                          "loss": loss.item(), "lr": engine.get_lr()[0],
-                          "tokens": prog.tokens, "samples": prog.samples}
-                pending.flush(teacher, window)
-                if window:
-                    q = np.nanquantile(np.concatenate(window), [0.1, 0.5, 0.9])
-                    record.update(score_q10=float(q[0]), score_q50=float(q[1]),
-                                  score_q90=float(q[2]))
-                    window.clear()
-                metrics.log(record)
-                bar.set_postfix(loss=f"{loss.item():.3f}", p=p)
-            if args.eval_every and prog.step % args.eval_every == 0:
-                run_eval()
-            if args.save_every and prog.step % args.save_every == 0:
-                checkpoint(f"step{prog.step}")
-            if args.stop_after and prog.step >= args.stop_after:
-                stopped = True
+            run.trained(p, ids, scores, tokens)
+            if run.window_closed() and run.stepped(p, loss, engine.get_lr()[0]):
                 break
-            if prog.step >= planned:
-                break  # budget reached (only before the planned end with --budget-fraction)
-        if stopped:
-            if prog.samples_in_pass >= len(selection.ids):
-                prog.pass_index, prog.samples_in_pass = p + 1, 0
-            else:
-                prog.pass_index = p
-            checkpoint(f"step{prog.step}")
-            print0(f"stopped after step {prog.step} (--stop-after); resume with the same command")
+        if run.end_pass(p, selection):
             break
-        if prog.step >= planned:
-            break
-        prog.pass_index, prog.samples_in_pass = p + 1, 0
-    bar.close()
-    if id_log:
-        id_log.close()
-    if stopped:
-        metrics.close()
-        return 0
-
-    if args.eval_every == 0 or prog.step % args.eval_every:
-        run_eval()
-    wall = now()
-    summary_rows = {
-        "teacher": "on" if attent else "off (plain DeepSpeed)",
-        "optimizer steps": prog.step,
-        "tokens trained": prog.tokens,
-        "examples trained": prog.samples,
-        "examples skipped by the teacher": prog.skipped,
-        "wall time (s)": f"{wall:.1f}",
-        "teacher time (s)": f"{prog.teacher_time:.2f}",
-        "evaluation time (s)": f"{prog.eval_time:.2f}",
-        "training tokens/s": f"{prog.tokens / max(wall - prog.eval_time - prog.teacher_time, 1e-9):.0f}",
-        "peak GPU memory (GiB)": (f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
-                                  if device.type == "cuda" else "n/a (CPU)"),
-        "final validation loss": f"{prog.val_loss:.4f}",
-    }
-    metrics.log({"type": "summary", "time": wall, **{k.replace(" ", "_"): v
-                                                     for k, v in summary_rows.items()}})
-    metrics.close()
-    if comm.rank == 0:
-        print(format_summary(summary_rows))
-        if not args.no_plot:
-            plot_metrics(out / "metrics.jsonl", out / "metrics.png",
-                         title=f"{args.model} on {meta['num_train']} sequences")
-            print(f"metrics: {out / 'metrics.jsonl'}  plot: {out / 'metrics.png'}")
-    if args.save_every:
-        checkpoint("final")
+    run.finish("off (plain DeepSpeed)", f"{args.model} on {meta['num_train']} sequences")
+    shutdown()
     return 0
 
 

@@ -77,7 +77,7 @@ def test_two_ranks_zero2_lora_agree_train_the_selection_and_resume(tiny_hf_model
         assert again[r]["passes"] == logs[r]["passes"]
 
 
-def _trainer(model_dir, data_dir, out, attent):
+def _trainer(model_dir, data_dir, out, attent, **targs):
     import datasets
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
 
@@ -85,7 +85,7 @@ def _trainer(model_dir, data_dir, out, attent):
     from attent_scale.instruct import load_tokenizer
     ds = datasets.load_from_disk(str(data_dir))
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4,
-                             num_train_epochs=2, report_to=[], use_cpu=True)
+                             **{"num_train_epochs": 2, **targs}, report_to=[], use_cpu=True)
     trainer = AttentTrainer(model=AutoModelForCausalLM.from_pretrained(str(model_dir)), args=args,
                             train_dataset=ds, attent=attent,
                             data_collator=DataCollatorForSeq2Seq(load_tokenizer(model_dir),
@@ -155,3 +155,13 @@ def test_soft_selection_with_rescale_weights_each_examples_tokens(tiny_hf_model,
     nll = _hand_nll(trainer, ds, ids, batch)
     want = sum(wi * sum(a) for wi, (a, _) in zip(w, nll)) / sum(len(a) for a, _ in nll)
     assert math.isclose(float(loss.detach()), want, rel_tol=1e-4)
+
+
+def test_step_budget_only_without_the_teacher(tiny_hf_model, gsm8k_tokenized, tmp_path):
+    """The budget-matched full-data arm: max_steps plans enough whole passes and stops there."""
+    trainer, ds = _trainer(tiny_hf_model, gsm8k_tokenized, tmp_path, None, max_steps=17)
+    assert len(ds) == 48 and trainer.args.max_steps == 17  # 12 steps a pass: 2 passes planned
+    assert len(trainer.teacher.plan) == 2 and not trainer.teacher.enabled
+    with pytest.raises(ValueError, match="max_steps=17: the teacher plans whole passes"):
+        _trainer(tiny_hf_model, gsm8k_tokenized, tmp_path, {"preset": "attent-simple"},
+                 max_steps=17)

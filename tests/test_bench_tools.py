@@ -1,0 +1,84 @@
+"""The arithmetic of the GPU benchmark tools, on made-up measurements (their speed lives on GPUs).
+
+tools/bench_finetune.py: paired savings and the step saving at equal loss against the full-data
+frontier. tools/bench_scaling.py: the paired teacher cost and the efficiency ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(arm, seed, steps, loss, runtime):
+    return {"arm": arm, "seed": seed, "steps": steps, "answer_loss": loss,
+            "train_runtime_s": runtime, "wall_s": runtime + 10, "exact_match": 0.5,
+            "flexible_match": 0.5, "n_test": 4}
+
+
+def test_finetune_frontier_saving_and_summary():
+    bench = _tool("bench_finetune")
+    short, full = _row("full-budget", 0, 80, 2.0, 80.0), _row("full", 0, 100, 1.0, 100.0)
+    # Full data needs 90 steps for loss 1.5 on the line (80, 2.0)-(100, 1.0): 1 - 80/90.
+    assert math.isclose(bench.frontier_saving(_row("a", 0, 80, 1.5, 0), short, full), 1 / 9)
+    assert bench.frontier_saving(_row("a", 0, 80, 2.0, 0), short, full) == 0.0
+    # Worse than the short run: extrapolated below 80 steps, a negative saving.
+    assert math.isclose(bench.frontier_saving(_row("a", 0, 80, 2.5, 0), short, full), 1 - 80 / 70)
+    with pytest.raises(ValueError, match="two distinct points"):
+        bench.frontier_saving(short, short, short)
+
+    rows = [full, short, _row("attent-simple", 0, 80, 1.5, 70.0),
+            _row("full", 1, 100, 1.2, 110.0), _row("full-budget", 1, 80, 1.6, 88.0),
+            _row("attent-simple", 1, 80, 1.6, 77.0)]
+    arms = bench.arm_list("full,full-budget,attent-simple")
+    assert arms == ["full", "attent-simple", "full-budget"]  # the budget waits for its source
+    args = argparse.Namespace(epochs=3, lora_rank=8, lora_alpha=16, lr=1e-3, batch_size=4,
+                              grad_accum=1)
+    report = bench.summarize(args, rows, arms, 2, Path("base"), 4)
+    s = report["summary"]["attent-simple"]
+    # Seed 0 saves 30% of full's time, seed 1 also 30% (77 of 110): paired per seed.
+    assert math.isclose(s["time_saving"]["mean"], 0.3)
+    assert math.isclose(s["loss_delta"]["min"], 0.4) and math.isclose(s["loss_delta"]["max"], 0.5)
+    # Seed 0: 1/9; seed 1 sits on its full-budget point: 0.
+    assert math.isclose(s["step_saving_at_loss"]["max"], 1 / 9)
+    assert s["step_saving_at_loss"]["min"] == 0.0
+    assert "step_saving_at_loss" not in report["summary"]["full-budget"]
+    assert "| attent-simple | 80 |" in report["markdown"]
+    with pytest.raises(SystemExit, match="full-budget takes its step budget"):
+        bench.arm_list("full,full-budget")
+    with pytest.raises(SystemExit, match="unknown \\['soft'\\]"):
+        bench.arm_list("full,soft")
+
+
+def test_scaling_paired_cost_and_efficiency_ratio():
+    bench = _tool("bench_scaling")
+
+    def result(plain, factor, pass_end=0.0):
+        return {"plain_blocks_ms": plain, "teacher_blocks_ms": [x * factor for x in plain],
+                "pass_end_ms": pass_end, "steps_per_pass": 100}
+
+    # Plain blocks drift by 30% between rounds; each round's teacher block follows its plain one,
+    # so the paired cost is exact however much the host drifts.
+    one = result([100, 130, 90, 120, 110], 1.01)
+    four = result([200, 260, 180, 240, 220], 1.03, pass_end=100.0)  # +1 ms a step from the end
+    cost, ratio = bench.paired_cost(one, one)
+    assert math.isclose(cost["median"], 1.01) and ratio == {"median": 1.0, "low": 1.0, "high": 1.0}
+    cost, ratio = bench.paired_cost(four, one)
+    ratios = sorted((t + 1.0) / p for t, p in zip(four["teacher_blocks_ms"],
+                                                   four["plain_blocks_ms"]))
+    assert math.isclose(cost["median"], ratios[2])
+    assert math.isclose(ratio["median"], 1.01 / ratios[2])
+    assert ratio["low"] <= ratio["median"] <= ratio["high"] < 1.0
+    assert bench.paired_cost(four, one) == (cost, ratio)  # a fixed generator: same intervals

@@ -28,13 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MODEL_SHAPES = {
-    # name: (hidden, layers, heads, kv heads, intermediate)
-    "tiny": (64, 2, 4, 2, 128),
-    "demo": (128, 2, 4, 2, 384),
-    "small": (384, 6, 6, 2, 1024),
-    "100m": (768, 12, 12, 4, 2304),
-}
+from .model import MODEL_SHAPES, build_model  # noqa: F401  (re-exported for old callers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,18 +95,6 @@ class Progress:
 def print0(*args) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, flush=True)
-
-
-def build_model(shape: str, vocab: int, seq_len: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    hidden, layers, heads, kv, inter = MODEL_SHAPES[shape]
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
-                      max_position_embeddings=seq_len, tie_word_embeddings=False,
-                      attn_implementation="sdpa")
-    # Model init is user territory; the teacher itself never touches a global RNG.
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
 
 
 # Sized so the README's demo finishes in a few minutes on 2 CPU cores.

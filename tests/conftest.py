@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny prepared corpus and a runner for real multi-process training jobs."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -32,6 +33,15 @@ def tiny_corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus") / "tiny"
     prepare_corpus(root, seq_len=32, vocab_size=512, max_bytes=150_000, progress=False)
     return root
+
+
+def load_tool(name: str):
+    """A script of tools/ as a module: tools are not part of the package."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

@@ -6,20 +6,12 @@ frontier. tools/bench_scaling.py: the paired teacher cost and the efficiency rat
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_tool as _tool
 
 
 def _row(arm, seed, steps, loss, runtime):

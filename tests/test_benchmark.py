@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from attent_scale import benchmark as bm
 from attent_scale.config import PRESETS, parse_attent
+from conftest import ROOT, load_tool
 
-ROOT = bm.ROOT
+bm = load_tool("bench_ttq")
 
 
 # ---- time to target ------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def test_cli_end_to_end_on_cpu(tiny_corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "attent_scale.benchmark", "--out", str(out), "--data",
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_ttq.py"), "--out", str(out), "--data",
            str(tiny_corpus), "--model", "tiny", "--epochs", "2", "--micro", "8", "--seeds", "0",
            "--arms", "full@0.5,full@1.0,random", "--eval-every", "20", "--eval-samples", "32",
            "--lr", "3e-3", "--gpus", "0,1"]
@@ -381,7 +381,7 @@ def test_cli_stops_at_a_failing_run_with_its_exit_code_and_log(tiny_corpus, tmp_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("RANK", None)
     # A micro batch larger than the corpus: the job refuses to start.
-    cmd = [sys.executable, "-m", "attent_scale.benchmark", "--out", str(out), "--data",
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_ttq.py"), "--out", str(out), "--data",
            str(tiny_corpus), "--model", "tiny", "--epochs", "1", "--micro", "4096",
            "--seeds", "0", "--arms", "full@1.0,random"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200)

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
 
     from attent_scale.deepspeed_plugin import initialize
     from attent_scale.grad_norm import GradNormProbe
-    from attent_scale.pretrain import MODEL_SHAPES, _single_process_env, build_model, token_losses
+    from attent_scale.model import MODEL_SHAPES, build_model
+from attent_scale.pretrain import _single_process_env, token_losses
     from attent_scale.signals import example_scores
 
     _single_process_env()

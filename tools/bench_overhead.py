@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attent_scale.benchmark import ds_config  # noqa: E402  (one DeepSpeed config for all tools)
+from bench_ttq import ds_config  # noqa: E402  (one DeepSpeed config for all tools)
 from attent_scale.report import read_metrics  # noqa: E402
 
 ARMS = {

@@ -1,0 +1,121 @@
+"""The model a pretraining job trains: a named Llama shape, any transformers config, or a checkpoint.
+
+``--model`` picks one of three kinds, checked before anything slow happens:
+
+- a name of :data:`MODEL_SHAPES` (``tiny``, ``demo``, ``small``, ``100m``, ``1b``): a Llama-shaped
+  decoder sized for the corpus's vocabulary and sequence length;
+- ``--model-config PATH``: a transformers config (a ``config.json`` or a directory holding one) of
+  any causal LM (Llama, Mistral, Qwen2, GPT-2, ...), built with fresh weights through
+  ``AutoModelForCausalLM.from_config``;
+- ``--init-from DIR``: a local ``save_pretrained`` directory, weights included (continued
+  pretraining). Nothing is downloaded.
+
+The corpus's token ids must fit the model's embedding: a model with fewer rows than the corpus's
+``vocab_size`` is refused (ids past the table crash on CPU and corrupt silently on GPU).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+MODEL_SHAPES = {
+    # name: (hidden, layers, heads, kv heads, intermediate)
+    "tiny": (64, 2, 4, 2, 128),
+    "demo": (128, 2, 4, 2, 384),
+    "small": (384, 6, 6, 2, 1024),
+    "100m": (768, 12, 12, 4, 2304),
+    "1b": (2048, 20, 16, 8, 5632),  # 0.98B parameters at a vocabulary of 8192
+}
+
+
+class ModelError(ValueError):
+    """A model that cannot be built for this corpus (one line: what, where, how to fix)."""
+
+
+def _config_path(path: Path) -> Path:
+    path = path.expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ModelError(f"--model-config {path}: no such file; give a transformers config.json "
+                         "or a directory holding one")
+    return path
+
+
+def load_config(model_config: Optional[str] = None, init_from: Optional[str] = None):
+    """The transformers config named by ``--model-config`` or ``--init-from`` (None: a shape)."""
+    from transformers import AutoConfig
+    if model_config and init_from:
+        raise ModelError("--model-config and --init-from both given; --init-from brings its own "
+                         "config: drop --model-config")
+    if init_from:
+        src = Path(init_from).expanduser()
+        if not (src / "config.json").is_file():
+            raise ModelError(f"--init-from {src}: not a save_pretrained directory (no "
+                             "config.json); give the directory model.save_pretrained() wrote")
+        return AutoConfig.from_pretrained(str(src), local_files_only=True)
+    if model_config:
+        path = _config_path(Path(model_config))
+        try:
+            return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"--model-config {path}: transformers cannot read it "
+                             f"({str(exc).splitlines()[0]}); give a config.json with a "
+                             "model_type it knows") from None
+    return None
+
+
+def shape_config(shape: str, vocab_size: int, seq_len: int):
+    from transformers import LlamaConfig
+    if shape not in MODEL_SHAPES:
+        raise ModelError(f"--model {shape!r}: unknown shape; allowed: {', '.join(MODEL_SHAPES)}, "
+                         "or --model-config PATH / --init-from DIR")
+    hidden, layers, heads, kv, inter = MODEL_SHAPES[shape]
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
+                       max_position_embeddings=seq_len, tie_word_embeddings=False)
+
+
+def check_fits(config, vocab_size: int, seq_len: int, where: str) -> None:
+    """Refuse a model whose embedding or positions cannot hold the corpus's tokens."""
+    rows = getattr(config, "vocab_size", None)
+    if rows is not None and rows < vocab_size:
+        raise ModelError(f"{where}: the model's vocab_size {rows} is smaller than the corpus's "
+                         f"{vocab_size} (its tokenizer's ids go up to {vocab_size - 1}); use a "
+                         "config with vocab_size >= that, or prepare the corpus with the model's "
+                         "own tokenizer (attent-prepare --tokenizer)")
+    positions = (getattr(config, "max_position_embeddings", None)
+                 or getattr(config, "n_positions", None))
+    if positions is not None and positions < seq_len:
+        raise ModelError(f"{where}: the model takes at most {positions} positions but the "
+                         f"corpus's sequences have {seq_len} tokens; prepare the corpus with "
+                         f"--seq-len <= {positions} or raise max_position_embeddings")
+
+
+def build_model(shape: str, vocab_size: int, seq_len: int, seed: int,
+                model_config: Optional[str] = None, init_from: Optional[str] = None,
+                attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """The causal LM to train (see the module doc); weights from ``seed`` unless loaded."""
+    from transformers import AutoModelForCausalLM
+    config = load_config(model_config, init_from)
+    where = (f"--init-from {init_from}" if init_from else
+             f"--model-config {model_config}" if model_config else f"--model {shape}")
+    if config is None:
+        config = shape_config(shape, vocab_size, seq_len)
+    check_fits(config, vocab_size, seq_len, where)
+    # Model init is user territory; the teacher itself never touches a global RNG.
+    torch.manual_seed(seed)
+    if init_from:
+        return AutoModelForCausalLM.from_pretrained(str(Path(init_from).expanduser()),
+                                                    local_files_only=True,
+                                                    attn_implementation=attn_implementation,
+                                                    torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def describe(model: torch.nn.Module) -> str:
+    """'LlamaForCausalLM, 95.2M parameters' for the start line."""
+    n = sum(p.numel() for p in model.parameters())
+    return f"{type(model).__name__}, {n / 1e6:.2f}M parameters"

@@ -1,11 +1,20 @@
-"""The DeepSpeed adapter: config split, engine set-up, and checkpoints that carry the teacher.
+"""The DeepSpeed adapter: ``attent_scale.initialize``, config split, and checkpoints with the teacher.
 
-A DeepSpeed config with an ``"attent"`` section is the only switch. This module hands DeepSpeed
-exactly the user's config minus that section, so the job without it is plain DeepSpeed, and stores
-the teacher's and trainer's state as plain JSON/NPZ inside DeepSpeed's own checkpoint directory.
+:func:`initialize` is a drop-in for ``deepspeed.initialize``: the same arguments and return tuple,
+plus ``passes`` (what the teacher plans). An ``"attent"`` section in the config switches the
+teacher on; without it the call is exactly ``deepspeed.initialize``. DeepSpeed always receives the
+user's config minus that section, with ``"auto"`` schedule lengths filled from the plan.
+
+With the section, the returned ``training_dataloader`` yields, pass after pass, this rank's share of
+the teacher's selection (every selected id once across the data-parallel group), and the engine
+scores each training forward from its logits and labels (or input ids) on the way out: no other
+line of the user's loop changes. ``engine.save_checkpoint`` / ``load_checkpoint`` carry the
+teacher's state in the same checkpoint directory.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -14,21 +23,28 @@ from typing import Any, Optional
 import deepspeed
 import torch
 
-from .checkpoint import TRAINER_STATE, commit, latest_tag, read_trainer_state  # noqa: F401
+from .checkpoint import TRAINER_STATE, commit, latest_tag, read_trainer_state, write_atomic  # noqa: F401
 from .comm import make_comm
+from .config import SECTION, ConfigError, split_deepspeed_config
+from .sampler import AttentSampler, WithIds, collate_with_ids
+from .signals import IGNORE_INDEX
 from .teacher import Teacher
+from .teaching import Teaching
 
 
 def global_batch_size(ds_config: dict, world: int) -> tuple[int, int]:
     """(micro batch per rank, samples per optimizer step over the data-parallel group)."""
     micro = ds_config.get("train_micro_batch_size_per_gpu")
     gas = ds_config.get("gradient_accumulation_steps", 1)
+    total = ds_config.get("train_batch_size")
+    if micro is None and isinstance(total, int) and isinstance(gas, int) and gas >= 1 \
+            and total % (gas * world) == 0:
+        micro = total // (gas * world)  # DeepSpeed derives it the same way
     if not isinstance(micro, int) or micro < 1:
         raise ValueError("train_micro_batch_size_per_gpu must be set to a positive integer in the "
                          f"DeepSpeed config (got {micro!r}); attent-scale needs it to plan passes")
     if not isinstance(gas, int) or gas < 1:
         raise ValueError(f"gradient_accumulation_steps must be a positive integer (got {gas!r})")
-    total = ds_config.get("train_batch_size")
     if isinstance(total, int) and total % world:
         raise ValueError(f"train_batch_size={total} is not divisible by the world size {world} "
                          f"(micro batch x gradient accumulation x ranks); set it to a multiple "
@@ -58,10 +74,261 @@ def resolve_auto(ds_config: dict, optimizer_steps: int) -> dict:
     return out
 
 
-def initialize(model: torch.nn.Module, ds_config: dict):
+def build_engine(model: torch.nn.Module, ds_config: dict):
+    """The DeepSpeed engine of ``model`` under a config whose lengths are already resolved."""
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config)
     return engine
+
+
+# ---- attent_scale.initialize ------------------------------------------------------------------
+
+def _read_config(args, config, config_params) -> dict:
+    """The config deepspeed.initialize would read: ``config``, ``config_params`` or
+    ``args.deepspeed_config``, as a dict (a path is loaded)."""
+    if config is None:
+        config = config_params
+    from_args = getattr(args, "deepspeed_config", None)
+    if from_args is not None:
+        if config is not None:
+            raise ValueError("a config was given both in args.deepspeed_config and config=; "
+                             "give one of them")
+        config = from_args
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config= (a dict or a JSON path) or "
+                         "args.deepspeed_config")
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the DeepSpeed config ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the DeepSpeed config must be a JSON object")
+    return loaded
+
+
+def _without_config(args):
+    """``args`` with its deepspeed_config cleared (we hand DeepSpeed the config ourselves)."""
+    if getattr(args, "deepspeed_config", None) is None:
+        return args
+    args = copy.copy(args)
+    args.deepspeed_config = None
+    return args
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+               lr_scheduler=None, distributed_port: int = 29500, mpu=None,
+               dist_init_required: Optional[bool] = None, collate_fn=None, config=None,
+               mesh_param=None, config_params=None, *, passes: Optional[int] = None,
+               seed: int = 0, sources=None, reference=None, pool_scorer=None):
+    """``deepspeed.initialize`` with the AtteNT teacher (see the module doc).
+
+    Extra keyword arguments: ``passes`` (passes over ``training_data`` the run is planned for;
+    required with the section, and used to fill ``"auto"`` schedule lengths without it), ``seed``
+    (data order), ``sources`` / ``reference`` (per-sample ids / scores for the policies that need
+    them), ``pool_scorer`` (``ids -> scores``, for ``source: pool``; by default the model is run
+    on collated items under no_grad).
+
+    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
+    """
+    raw = _read_config(args, config, config_params)
+    ds_config, attent = split_deepspeed_config(raw)
+    ds_args = _without_config(args)
+    if SECTION in raw:  # checked before any process group exists
+        if training_data is None:
+            raise ValueError("the 'attent' section needs training_data= (the teacher chooses "
+                             "from it); a loop that builds its own loader uses "
+                             "attent_scale.AttentSampler")
+        if not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"passes: got {passes!r}; the 'attent' section needs passes= (an "
+                             "integer >= 1: the passes over training_data the run is planned "
+                             "for)")
+    from deepspeed.accelerator import get_accelerator
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               distributed_port=distributed_port,
+                               dist_init_required=dist_init_required)
+    comm = make_comm(mpu.get_data_parallel_group() if mpu is not None else None)
+    if SECTION not in raw:
+        if passes is not None and training_data is not None:
+            # The "auto" lengths of full passes under the remainder rule.
+            _, global_batch = global_batch_size(ds_config, comm.world)
+            ds_config = resolve_auto(ds_config, passes * (len(training_data) // global_batch))
+        return deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer,
+                                    model_parameters=model_parameters,
+                                    training_data=training_data, lr_scheduler=lr_scheduler,
+                                    distributed_port=distributed_port, mpu=mpu,
+                                    dist_init_required=dist_init_required, collate_fn=collate_fn,
+                                    config=ds_config, mesh_param=mesh_param)
+    micro, global_batch = global_batch_size(ds_config, comm.world)
+    teaching = Teaching(attent, len(training_data), passes, global_batch, comm=comm,
+                        data_seed=seed, sources=sources, reference=reference, model=model)
+    ds_config = resolve_auto(ds_config, teaching.planned_steps())
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        args=ds_args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu,
+        dist_init_required=dist_init_required, config=ds_config, mesh_param=mesh_param)
+    collate = collate_with_ids(collate_fn)
+    if teaching.cfg is not None and teaching.cfg.source == "pool" and pool_scorer is None:
+        pool_scorer = _model_scorer(engine, WithIds(training_data), collate, teaching)
+    sampler = AttentSampler(training_data, None, passes, micro, seed=seed, teaching=teaching,
+                            pool_scorer=pool_scorer)
+    hooks = _ForwardScoring(engine.module, teaching)
+    loader = TeacherDataLoader(
+        engine.deepspeed_io(sampler.dataset, data_sampler=sampler, collate_fn=collate),
+        sampler, hooks)
+    engine.training_dataloader = loader
+    _checkpoint_with_teacher(engine, teaching)
+    return engine, optimizer, loader, lr_scheduler
+
+
+class TeacherDataLoader:
+    """DeepSpeed's training loader over the teacher's sampler; each batch's ids go to the engine's
+    scoring hooks (``batch_ids`` holds the last batch's), the batch itself as the user's collate
+    made it. ``len()`` is the number of micro batches of the pass the next iteration trains."""
+
+    def __init__(self, loader, sampler: AttentSampler, hooks: "_ForwardScoring"):
+        self.loader, self.sampler, self.hooks = loader, sampler, hooks
+        self.data_sampler = sampler  # where DeepSpeed users call set_epoch
+        self.batch_ids: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.sampler.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        self.hooks.pending.clear()  # ids of a batch fetched but never trained
+        for batch in self.loader:
+            if isinstance(batch, dict):
+                ids = batch.pop("id")
+            else:
+                *rest, ids = batch
+                batch = rest[0] if len(rest) == 1 else type(batch)(rest)
+            self.batch_ids = ids
+            self.hooks.pending.append(ids)
+            yield batch
+
+
+class _ForwardScoring:
+    """Forward hooks on the engine's module: each training forward takes the ids of the oldest
+    batch the loader handed out and is scored from its logits and labels (``labels``, else the
+    ``input_ids``, with ``attention_mask`` zeros ignored). Where the teacher weights examples
+    (``selection.rescale``) or needs the loss's graph (``grad_norm``), the model's loss is replaced
+    by the teacher's: the mean over examples of their mean token loss, weighted."""
+
+    def __init__(self, module: torch.nn.Module, teaching: Teaching):
+        self.teaching = teaching
+        self.pending: collections.deque = collections.deque()
+        self._inputs: Optional[dict] = None
+        self._stack: Optional[contextlib.ExitStack] = None
+        module.register_forward_pre_hook(self._before, with_kwargs=True)
+        module.register_forward_hook(self._after, with_kwargs=True)
+
+    def _training(self, module) -> bool:
+        return module.training and torch.is_grad_enabled() and bool(self.pending)
+
+    def _before(self, module, args, kwargs):
+        if not self._training(module):
+            return None
+        self._inputs = {"input_ids": args[0] if args else kwargs.get("input_ids"),
+                        "labels": kwargs.get("labels"),
+                        "attention_mask": kwargs.get("attention_mask")}
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self.teaching.recording())
+        return None
+
+    def _after(self, module, args, kwargs, output):
+        if self._stack is None:
+            return None
+        self._stack.close()
+        self._stack, inputs = None, self._inputs
+        ids = self.pending.popleft()
+        logits = output.logits if hasattr(output, "logits") else output
+        labels = inputs["labels"]
+        if labels is None:
+            if inputs["input_ids"] is None:
+                raise ValueError("attent_scale.initialize scores each forward from its labels or "
+                                 "input_ids, and this forward got neither; use "
+                                 "attent_scale.AttentSampler and sampler.update() instead")
+            labels = inputs["input_ids"]
+            if inputs["attention_mask"] is not None:
+                labels = labels.masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+        t = self.teaching
+        replace = t.weights(ids) is not None or (t.enabled and t.cfg.signal == "grad_norm")
+        if not replace:
+            with torch.no_grad():
+                t.update(ids, logits=logits.detach(), labels=labels)
+            return None
+        if getattr(output, "loss", None) is None:
+            raise ValueError("this teacher weights the loss (selection.rescale or signal "
+                             "grad_norm), so the model's forward must compute its loss: pass "
+                             "labels= to it, or use attent_scale.AttentSampler and update()")
+        output.loss = t.update(ids, logits=logits, labels=labels)
+        return output
+
+
+def _model_scorer(engine, dataset, collate, teaching: Teaching):
+    """``source: pool`` without a pool_scorer: run the model on collated items under no_grad."""
+    module = engine.module
+
+    @torch.no_grad()
+    def score(ids):
+        batch = collate([dataset[int(i)] for i in ids])
+        if not isinstance(batch, dict):
+            raise ValueError("source 'pool' scores with the model's forward on dict batches; "
+                             "these items are not dicts: pass pool_scorer= to initialize")
+        batch.pop("id")
+        batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        labels = batch.get("labels", batch.get("input_ids"))
+        was = module.training
+        module.eval()
+        try:
+            with teaching.recording(True):
+                logits = module(**batch).logits
+            from .signals import causal_token_losses
+            ce, shifted = causal_token_losses(logits, labels)
+            return teaching.scores(ce, shifted, logits[:, :-1])
+        finally:
+            module.train(was)
+    return score
+
+
+def _checkpoint_with_teacher(engine, teaching: Teaching) -> None:
+    """``engine.save_checkpoint`` / ``load_checkpoint`` that also carry the teacher's state.
+
+    The ``latest`` pointer moves only after the teacher's files exist, so a job killed while
+    saving resumes from the previous checkpoint, teacher and weights alike.
+    """
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
+        tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
+        done = save(save_dir, tag=tag, client_state=client_state, save_latest=False, **kwargs)
+        teaching.save(Path(save_dir) / tag)
+        if save_latest:
+            if teaching.comm.rank == 0:
+                write_atomic(Path(save_dir) / "latest", tag)
+            teaching.comm.barrier()
+        return done
+
+    def load_checkpoint(load_dir, tag=None, **kwargs):
+        path, client_state = load(load_dir, tag=tag, **kwargs)
+        if path is None:
+            return path, client_state
+        tag = tag if tag is not None else latest_tag(Path(load_dir))
+        folder = Path(load_dir) / str(tag)
+        if not (folder / "attent_state.json").exists():
+            raise FileNotFoundError(f"{folder} holds no teacher state (attent_state.json): it was "
+                                    "saved without attent_scale.initialize; resume from a "
+                                    "checkpoint this job wrote, or start fresh")
+        teaching.load(folder)
+        return path, client_state
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
 
 
 def save_checkpoint(engine, teacher: Teacher, save_dir: Path, tag: str, state: dict) -> None:

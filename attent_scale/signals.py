@@ -15,6 +15,21 @@ import torch
 IGNORE_INDEX = -100
 
 
+def causal_token_losses(logits: torch.Tensor, labels: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per token, with grad: (losses [B, T-1] float32, labels [B, T-1]).
+
+    ``labels`` follow the Hugging Face convention: aligned with the inputs (for pretraining, the
+    input ids themselves), so position t predicts ``labels[:, t+1]``; -100 marks tokens that
+    neither train nor score (their loss is 0). Computed in float32 whatever the logits' dtype.
+    """
+    shifted = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                           shifted.flatten(), reduction="none",
+                                           ignore_index=IGNORE_INDEX)
+    return ce.view(shifted.shape), shifted
+
+
 @torch.no_grad()
 def token_grad_sq_norm(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 2048
                        ) -> torch.Tensor:

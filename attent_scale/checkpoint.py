@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .teacher import Teacher
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -25,13 +24,13 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def commit(comm: Any, teacher: Teacher, save_dir: Path, tag: str, state: dict,
+def commit(teaching, save_dir: Path, tag: str, state: dict,
            files: Optional[dict[str, str]] = None) -> None:
     """Collective, once the framework's files of ``save_dir/tag`` exist: the teacher's state
-    (every rank for a sharded score table, else rank 0), the extra text ``files`` and the trainer
-    state (rank 0), then ``latest``."""
-    if comm.rank == 0 or teacher.sharded:  # a sharded score table: each rank writes its range
-        teacher.save(save_dir / tag)
+    (:meth:`Teaching.save`), the extra text ``files`` and the trainer state (rank 0), then
+    ``latest``."""
+    teaching.save(save_dir / tag)
+    comm = teaching.comm
     if comm.rank == 0:
         for name, text in (files or {}).items():
             write_atomic(save_dir / tag / name, text)

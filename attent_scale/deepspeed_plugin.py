@@ -27,8 +27,7 @@ from .checkpoint import TRAINER_STATE, commit, latest_tag, read_trainer_state, w
 from .comm import make_comm
 from .config import SECTION, ConfigError, split_deepspeed_config
 from .sampler import AttentSampler, WithIds, collate_with_ids
-from .signals import IGNORE_INDEX
-from .teacher import Teacher
+from .signals import IGNORE_INDEX, causal_token_losses
 from .teaching import Teaching
 
 
@@ -259,8 +258,8 @@ class _ForwardScoring:
         t = self.teaching
         replace = t.weights(ids) is not None or (t.enabled and t.cfg.signal == "grad_norm")
         if not replace:
-            with torch.no_grad():
-                t.update(ids, logits=logits.detach(), labels=labels)
+            ce, shifted = causal_token_losses(logits.detach(), labels)
+            t.observe(ids, ce, shifted, logits.detach()[:, :-1])
             return None
         if getattr(output, "loss", None) is None:
             raise ValueError("this teacher weights the loss (selection.rescale or signal "
@@ -288,7 +287,6 @@ def _model_scorer(engine, dataset, collate, teaching: Teaching):
         try:
             with teaching.recording(True):
                 logits = module(**batch).logits
-            from .signals import causal_token_losses
             ce, shifted = causal_token_losses(logits, labels)
             return teaching.scores(ce, shifted, logits[:, :-1])
         finally:
@@ -331,15 +329,15 @@ def _checkpoint_with_teacher(engine, teaching: Teaching) -> None:
     engine.load_checkpoint = load_checkpoint
 
 
-def save_checkpoint(engine, teacher: Teacher, save_dir: Path, tag: str, state: dict) -> None:
+def save_checkpoint(engine, teaching: Teaching, save_dir: Path, tag: str, state: dict) -> None:
     """Collective: DeepSpeed state, then teacher and trainer state, then the ``latest`` pointer.
 
     ``latest`` moves only after every file of the new checkpoint exists, so a job killed while
     saving resumes from the previous checkpoint.
     """
-    teacher.sync()
+    teaching.flush()
     engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
-    commit(make_comm(), teacher, save_dir, tag, state)
+    commit(teaching, save_dir, tag, state)
 
 
 def check_weights_only(tag_dir: Path) -> None:
@@ -366,7 +364,7 @@ def check_weights_only(tag_dir: Path) -> None:
                                f"refused it: {why}); it will not be loaded") from None
 
 
-def load_checkpoint(engine, teacher: Teacher, load_dir: Path,
+def load_checkpoint(engine, teaching: Teaching, load_dir: Path,
                     load_optimizer_states: bool = True) -> Optional[dict[str, Any]]:
     """Resume from ``load_dir/latest`` if present; returns the trainer state or None.
 
@@ -381,5 +379,5 @@ def load_checkpoint(engine, teacher: Teacher, load_dir: Path,
                                      load_optimizer_states=load_optimizer_states)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
-    teacher.load_state_dict(*Teacher.read(load_dir / tag))
+    teaching.load(load_dir / tag)
     return json.loads((load_dir / tag / TRAINER_STATE).read_text())

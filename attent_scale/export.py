@@ -84,7 +84,7 @@ def find_checkpoint(run: Path) -> tuple[Path, str]:
 def export(run: str | Path, data: str | Path, shape: str, out: str | Path) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from .pretrain import MODEL_SHAPES, build_model
+    from .model import MODEL_SHAPES, build_model
     if shape not in MODEL_SHAPES:
         raise ValueError(f"--model {shape!r}; allowed: {sorted(MODEL_SHAPES)}")
     meta_path = Path(data) / "meta.json"

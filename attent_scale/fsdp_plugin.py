@@ -25,9 +25,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .checkpoint import commit, latest_tag, read_trainer_state  # noqa: F401
-from .comm import make_comm
 from .config import ConfigError
-from .teacher import Teacher
+from .teaching import Teaching
 
 SCHEDULER_STATE = "lr_scheduler.json"
 # Top-level keys that only configure DeepSpeed itself; FSDP2 has no use for them.
@@ -188,7 +187,7 @@ def init_distributed(cuda: bool) -> None:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
-def save_checkpoint(model, optimizer, scheduler, teacher: Teacher, save_dir: Path, tag: str,
+def save_checkpoint(model, optimizer, scheduler, teaching: Teaching, save_dir: Path, tag: str,
                     state: dict) -> None:
     """Collective: sharded model + optimizer (DCP), then teacher, schedule and trainer state,
     then the ``latest`` pointer.
@@ -196,17 +195,17 @@ def save_checkpoint(model, optimizer, scheduler, teacher: Teacher, save_dir: Pat
     Every rank writes its own shards; ``latest`` moves only after every file of the new
     checkpoint exists, so a job killed while saving resumes from the previous checkpoint.
     """
-    teacher.sync()
+    teaching.flush()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(save_dir / tag / "dcp"))
     files = {}
     if scheduler is not None:
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         files[SCHEDULER_STATE] = json.dumps(sched)
-    commit(make_comm(), teacher, save_dir, tag, state, files)
+    commit(teaching, save_dir, tag, state, files)
 
 
-def load_checkpoint(model, optimizer, scheduler, teacher: Teacher, load_dir: Path) -> None:
+def load_checkpoint(model, optimizer, scheduler, teaching: Teaching, load_dir: Path) -> None:
     """Collective: load model, optimizer, schedule and teacher from ``load_dir/latest``.
 
     Every rank reads just its own shards. DCP opens the tensor files with ``weights_only=True``
@@ -219,4 +218,4 @@ def load_checkpoint(model, optimizer, scheduler, teacher: Teacher, load_dir: Pat
     if scheduler is not None:
         sched = json.loads((load_dir / tag / SCHEDULER_STATE).read_text())
         scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(optimizer.param_groups)})
-    teacher.load_state_dict(*Teacher.read(load_dir / tag))
+    teaching.load(load_dir / tag)

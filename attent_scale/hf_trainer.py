@@ -35,7 +35,6 @@ baseline), trains as many whole passes as that needs and stops at ``max_steps``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -43,21 +42,16 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback
 
 from .comm import make_comm
-from .config import SECTION, AttentConfig, parse_attent
-from .policy import make_rng
-from .signals import IGNORE_INDEX, example_scores
-from .teacher import Teacher
+from .config import SECTION, AttentConfig, ConfigError, parse_attent
+from .signals import IGNORE_INDEX, causal_token_losses
+from .teaching import Teaching
 
 ID_KEY = "attent_id"
 """Batch key carrying each example's dataset index from the loader to :meth:`compute_loss`."""
-
-# Kept apart from the purposes in policy.py (1-3): the order in which a pass's ids are trained.
-PURPOSE_ORDER = 11
 
 _FROM_DEEPSPEED = "deepspeed"
 
@@ -75,25 +69,6 @@ def pop_attent_section(args) -> Optional[dict]:
     if isinstance(getattr(args, "deepspeed", None), dict):
         return args.deepspeed.pop(SECTION, None)
     return None
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 8
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token cross-entropy [B, T-1] float32, shifted labels [B, T-1]), without grad.
-
-    Labels follow the transformers convention (aligned with the inputs; the model shifts), so
-    token t predicts labels[t+1]. Rows are reduced a few at a time: only a slice of the logits is
-    ever upcast to float32.
-    """
-    shifted = labels[:, 1:]
-    out = torch.zeros(shifted.shape, dtype=torch.float32, device=logits.device)
-    with torch.no_grad():
-        for s in range(0, logits.shape[0], chunk_rows):
-            z = logits[s:s + chunk_rows, :-1].float()
-            y = shifted[s:s + chunk_rows]
-            out[s:s + chunk_rows] = F.cross_entropy(z.transpose(1, 2), y, reduction="none",
-                                                    ignore_index=IGNORE_INDEX)
-    return out, shifted
 
 
 # ---- the train loader -------------------------------------------------------------------------
@@ -152,15 +127,15 @@ class TeacherLoader:
         self.collate = _Collate(collator, self.streaming)
 
     @property
-    def teacher(self) -> Teacher:
-        return self.trainer.teacher
+    def teaching(self) -> Teaching:
+        return self.trainer.teaching
 
     def _steps_per_pass(self) -> list[int]:
-        t = self.teacher
-        return [t.pass_size(p) // t.global_batch for p in range(len(t.plan))]
+        t = self.teaching
+        return [t.pass_size(p) // t.global_batch for p in range(t.num_passes)]
 
     def __len__(self) -> int:
-        return self.teacher.planned_steps() * self.trainer.args.gradient_accumulation_steps
+        return self.teaching.planned_steps() * self.trainer.args.gradient_accumulation_steps
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored: the teacher's plan, not the Trainer's epoch counter, names the pass."""
@@ -169,31 +144,31 @@ class TeacherLoader:
         """(pass, samples the whole group already trained in it) at optimizer step ``step``."""
         for p, n in enumerate(self._steps_per_pass()):
             if step < n:
-                return p, step * self.teacher.global_batch
+                return p, step * self.teaching.global_batch
             step -= n
-        return len(self.teacher.plan), 0
+        return self.teaching.num_passes, 0
 
     def __iter__(self) -> Iterator[dict]:
-        tr = self.trainer
+        tr, t = self.trainer, self.teaching
         first, done = self.locate(tr.state.global_step)
-        for p in range(first, len(self.teacher.plan)):
-            sel = tr.begin_pass(p, resuming=done > 0)
-            yield from self._pass_batches(p, sel.ids, done)
+        t.pass_index, t.samples_done = first, done
+        for p in range(first, t.num_passes):
+            sel = tr.begin_pass(p)
+            yield from self._pass_batches(p, sel, done)
             done = 0
 
-    def _pass_batches(self, p: int, ids: np.ndarray, done: int) -> Iterator[dict]:
+    def _pass_batches(self, p: int, selection, done: int) -> Iterator[dict]:
         args, comm = self.trainer.args, self.trainer.comm
         micro = args.per_device_train_batch_size
         workers = args.dataloader_num_workers
         if self.streaming:
-            self.dataset.set_pass(p, ids, done)
+            self.dataset.set_pass(p, selection.ids, done)
             loader = DataLoader(self.dataset, batch_size=micro, num_workers=workers,
                                 collate_fn=self.collate)
         else:
             # Same seeded order on every rank; rank r takes slot r of each group of micro x world.
-            order = make_rng(self.teacher.data_seed, p, PURPOSE_ORDER).permutation(ids)
-            rows = order.reshape(-1, comm.world, micro)[done // (micro * comm.world):, comm.rank]
-            loader = DataLoader(_Rows(self.dataset, rows.reshape(-1)), batch_size=micro,
+            rows = self.teaching.rank_order(p, selection, comm.rank, comm.world, micro)
+            loader = DataLoader(_Rows(self.dataset, rows), batch_size=micro,
                                 shuffle=False, num_workers=workers, collate_fn=self.collate)
         yield from loader
 
@@ -205,21 +180,25 @@ def _is_streaming(dataset) -> bool:
 # ---- checkpoints --------------------------------------------------------------------------------
 
 class _SaveTeacher(TrainerCallback):
-    """Writes the teacher's state into each Trainer checkpoint folder (all ranks join the sync)."""
+    """Writes the teacher's state into each Trainer checkpoint folder (every rank takes part: a
+    sharded score table has one range per rank), and reports the pass count as the epoch."""
 
     def __init__(self, trainer: "AttentTrainer"):
         self.trainer = trainer
 
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer.teaching
+        if t is not None and t.selection is not None:
+            # The Trainer counts its one long "epoch" over every pass; the pass is the truth.
+            size = len(t.selection.ids)
+            state.epoch = t.pass_index + (t.samples_done / size if size else 0.0)
+
     def on_save(self, args, state, control, **kwargs):
-        tr = self.trainer
-        if tr.teacher is None:
+        t = self.trainer.teaching
+        if t is None or not t.enabled:
             return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        tr.flush_scores()
-        tr.teacher.sync()
-        if tr.comm.rank == 0:
-            tr.teacher.save(folder, extra={"global_step": state.global_step})
-        tr.comm.barrier()
+        t.save(Path(args.output_dir) / f"checkpoint-{state.global_step}",
+               extra={"global_step": state.global_step})
 
 
 def _count_cpu_ranks() -> None:
@@ -273,21 +252,19 @@ class AttentTrainer(Trainer):
         self.attent_config: Optional[AttentConfig] = (
             attent if isinstance(attent, AttentConfig) or attent is None else parse_attent(attent))
         if self.attent_config is not None and self.attent_config.source != "free":
-            raise ValueError(
+            raise ConfigError(
                 f"attent.source: got {self.attent_config.source!r}; the Trainer integration "
                 "supports 'free' (scores from the training forward); fix: remove attent.source")
         self.log_ids = Path(log_ids) if log_ids else None
-        self.teacher: Optional[Teacher] = None
+        self.teaching: Optional[Teaching] = None
         self.comm = None
         self.current_pass = -1
         self.pass_log: list[dict] = []
-        self._pending: list[tuple[np.ndarray, torch.Tensor, int]] = []
-        self._probe = None
         self._id_log = None
         self.add_callback(_SaveTeacher(self))
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _build_teacher(self) -> Teacher:
+    def _build_teaching(self) -> Teaching:
         args = self.args
         epochs = args.num_train_epochs
         budget = args.max_steps if args.max_steps and args.max_steps > 0 else None
@@ -324,21 +301,20 @@ class AttentTrainer(Trainer):
                 raise ValueError(f"max_steps={budget}: {n} examples make no global batch of "
                                  f"{global_batch}")
             epochs = -(-budget // per_pass)
-        teacher = Teacher(self.attent_config, n, int(epochs), global_batch, self.comm,
-                          data_seed=seed)
+        teaching = Teaching(self.attent_config, n, int(epochs), global_batch, comm=self.comm,
+                            data_seed=seed, model=self.model)
+        teaching.listeners.append(self._printed)
         # The plan fixes the run's length; the Trainer's own arithmetic assumes equal epochs.
-        args.max_steps = min(budget, teacher.planned_steps()) if budget else teacher.planned_steps()
+        # (Restored when train() returns: the caller's arguments are theirs.)
+        self._user_max_steps = args.max_steps
+        args.max_steps = min(budget, teaching.planned_steps()) if budget else \
+            teaching.planned_steps()
         args.ignore_data_skip = True
-        cfg = self.attent_config
-        if cfg is not None and cfg.signal == "attention_fgrad":
-            from .attention import AttentionImportance
-            self._probe = AttentionImportance(self.model, cfg.attention.layers,
-                                              cfg.attention.query_chunk)
-        return teacher
+        return teaching
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args, **kwargs):
-        if self.teacher is None:
-            self.teacher = self._build_teacher()
+        if self.teaching is None:
+            self.teaching = self._build_teaching()
         ckpt = resume_from_checkpoint
         if ckpt is True:
             from transformers.trainer_utils import get_last_checkpoint
@@ -346,43 +322,40 @@ class AttentTrainer(Trainer):
             if ckpt is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no "
                                  "checkpoint-* folder")
-        if ckpt and self.teacher.enabled:
+        if ckpt and self.teaching.enabled:
             folder = Path(ckpt)
             if not (folder / "attent_state.json").exists():
                 raise FileNotFoundError(
                     f"{folder} has no attent_state.json: it was written without the teacher or "
                     "the job stopped while saving; resume from an earlier checkpoint")
-            self.teacher.load_state_dict(*Teacher.read(folder))
+            self.teaching.load(folder)
         if self.log_ids is not None:
             self.log_ids.mkdir(parents=True, exist_ok=True)
             self._id_log = open(self.log_ids / f"ids.rank{self.comm.rank}.jsonl", "a")
         try:
             return super().train(ckpt or None, *args, **kwargs)
         finally:
+            self.args.max_steps = self._user_max_steps
             if self._id_log is not None:
                 self._id_log.close()
                 self._id_log = None
 
     def get_train_dataloader(self):
-        if self.teacher is None:
-            self.teacher = self._build_teacher()
+        if self.teaching is None:
+            self.teaching = self._build_teaching()
         return TeacherLoader(self, self.train_dataset, self.data_collator)
 
     # -- passes ---------------------------------------------------------------------------------
-    def begin_pass(self, p: int, resuming: bool):
-        """Collective: flush scores, let the teacher choose pass ``p``, log the decision."""
-        self.flush_scores()
-        sel, summary = self.teacher.begin_pass(p)
+    def begin_pass(self, p: int):
+        """Collective: let the teacher choose pass ``p`` and log the decision."""
+        t = self.teaching
+        resuming = t.samples_done > 0 and p == t.pass_index
+        sel = t.begin_pass(p)
         self.current_pass = p
-        record = {"pass": p, "kind": self.teacher.plan[p].kind, "selected": len(sel.ids),
-                  "skipped": self.teacher.full_pass_size - len(sel.ids),
-                  "step": self.state.global_step}
-        if summary is not None:
-            record.update(ratio=summary.ratio, score_q50=summary.score_quantiles[1],
-                          selected_mean=summary.selected_mean_score)
-            if self.comm.rank == 0:
-                print(summary.line(), flush=True)
         if not resuming:
+            record = {"pass": p, "kind": t.teacher.plan[p].kind, "selected": len(sel.ids),
+                      "skipped": t.teacher.full_pass_size - len(sel.ids),
+                      "step": self.state.global_step}
             self.pass_log.append(record)
             if self._id_log is not None:
                 self._id_log.write(json.dumps({"pass": p, "selection": sel.checksum,
@@ -390,16 +363,9 @@ class AttentTrainer(Trainer):
                 self._id_log.flush()
         return sel
 
-    def flush_scores(self) -> None:
-        """Hand the scores kept on the device to the teacher (one host copy, at sync points)."""
-        if not self._pending:
-            return
-        host = torch.cat([s for _, s, _ in self._pending]).float().cpu().numpy()
-        start = 0
-        for ids, s, stamp in self._pending:
-            self.teacher.record(ids, host[start:start + len(ids)], stamp)
-            start += len(ids)
-        self._pending.clear()
+    def _printed(self, record: dict) -> None:
+        if "line" in record and self.comm.rank == 0:
+            print(record["line"], flush=True)
 
     # -- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
@@ -410,45 +376,38 @@ class AttentTrainer(Trainer):
         if "labels" not in inputs:
             raise KeyError("AttentTrainer needs 'labels' in each batch (-100 where a token "
                            "neither trains nor scores)")
-        teacher = self.teacher
+        t = self.teaching
         ids_np = ids.cpu().numpy()
         labels = inputs["labels"]
-        weights = teacher.weights_for(ids_np)
-        score = teacher.wants_free_scores()
-        probe = self._probe
-        with probe.recording(score) if probe else contextlib.nullcontext():
-            if weights is None:
+        weights = t.weights(ids_np)
+        own_loss = weights is not None or (t.enabled and t.cfg.signal == "grad_norm")
+        with t.recording():
+            if not own_loss:
                 loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                      num_items_in_batch=num_items_in_batch,
                                                      **kwargs)
+                with torch.no_grad():
+                    ce, shifted = causal_token_losses(outputs.logits.detach(), labels)
             else:
                 outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-                loss = self._weighted_loss(outputs.logits, labels, weights, num_items_in_batch)
-        if score:
-            ce, shifted = token_losses(outputs.logits.detach(), labels)
-            importance = probe.pop()[:, :-1] if probe else None
-            cfg = teacher.cfg
-            logits = outputs.logits.detach()[:, :-1] if cfg.signal != "loss" else None
-            scores = example_scores(cfg.signal, ce, shifted, logits, importance,
-                                    cfg.score_chunk_tokens)
-            self._pending.append((ids_np, scores.detach(), self.state.global_step))
+                ce, shifted = causal_token_losses(outputs.logits, labels)
+                loss = self._weighted_loss(ce, shifted, weights, num_items_in_batch)
+        t.observe(ids_np, ce, shifted, outputs.logits[:, :-1])
         if self._id_log is not None:
             self._id_log.write(json.dumps({"pass": self.current_pass,
                                            "step": self.state.global_step,
                                            "ids": ids_np.tolist()}) + "\n")
         return (loss, outputs) if return_outputs else loss
 
-    def _weighted_loss(self, logits, labels, weights: np.ndarray, num_items_in_batch):
+    def _weighted_loss(self, ce, shifted, weights: Optional[np.ndarray], num_items_in_batch):
         """Token cross-entropy, each example's tokens weighted (soft selection with rescale).
 
         Normalised like the model's own loss: by the accumulation window's token count when the
         Trainer provides it (then it does not divide by the accumulation steps), else per batch.
         """
-        shifted = labels[:, 1:]
-        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted, reduction="none",
-                             ignore_index=IGNORE_INDEX)
-        w = torch.as_tensor(weights, dtype=ce.dtype, device=ce.device).unsqueeze(1)
-        total = (ce * w).sum()
+        total = ce.sum(dim=1) if weights is None else \
+            (ce * torch.as_tensor(weights, dtype=ce.dtype, device=ce.device).unsqueeze(1)).sum(1)
+        total = total.sum()
         if num_items_in_batch is not None and getattr(self, "model_accepts_loss_kwargs", False):
             loss = total / num_items_in_batch
             if getattr(self.args, "average_tokens_across_devices", False):
@@ -457,4 +416,4 @@ class AttentTrainer(Trainer):
         return total / (shifted != IGNORE_INDEX).sum().clamp_min(1)
 
 
-__all__ = ["AttentTrainer", "TeacherLoader", "ID_KEY", "pop_attent_section", "token_losses"]
+__all__ = ["AttentTrainer", "TeacherLoader", "ID_KEY", "pop_attent_section"]

@@ -1,36 +1,137 @@
-"""What the DeepSpeed loop (pretrain.py) and the FSDP2 loop (pretrain_fsdp.py) share.
+"""What the DeepSpeed job (pretrain.py) and the FSDP2 job (pretrain_fsdp.py) share.
 
-Both jobs open the same corpus, probe and teacher, and keep the same books: progress, clocks,
-metrics, the id log, the progress bar and the free scores waiting on the device. Only the engine
-differs, so forward, backward, optimizer step and checkpoint format stay in each job's own loop,
-and this module does everything around them:
+Both jobs take the same options, open the same corpus, model and teacher (:func:`open_job`), and
+keep the same books (:class:`Run`): progress, clocks, metrics, the id log, the progress bar,
+evaluation and pass bookkeeping. Only the engine differs, so forward, backward, optimizer step and
+checkpoint format stay in each job's own loop::
 
-    run = Run(args, out, comm, teacher, prog, planned, device, model, val_ds, micro, save)
+    job = open_job(args, "attent-pretrain", micro, global_batch)
+    ... build the engine, resume ...
+    run = Run(job, prog, planned, model, save)
     for p in run.passes():
-        selection = run.begin_pass(p, train_ds, probe)
+        run.begin_pass(p, pool_model)
         for batch in loader:
-            ... forward, backward, step (the job's own) ...
-            run.trained(p, ids, scores, tokens)
+            ... forward (inside job.teaching.recording()), loss = teaching.update(...),
+                backward, step (the job's own) ...
+            run.trained(p, tokens)
             if run.window_closed() and run.stepped(p, loss, lr):
                 break
-        if run.end_pass(p, selection):
+        if run.end_pass(p):
             break
     run.finish(label, title)
+
+The teacher reaches both loops only through the public :class:`~attent_scale.teaching.Teaching`,
+exactly as a user's loop would.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
-from .pretrain import (DeviceScores, Progress, _single_process_env, check_corpus, evaluate,
-                       prepare_data, print0, score_pool)
+from .model import MODEL_SHAPES
+from .teaching import Teaching, print0
+
+# Sized so the README's demo finishes in a few minutes on 2 CPU cores.
+CORPUS_DEFAULTS = {"max_bytes": 1_000_000, "vocab_size": 1024, "seq_len": 64}
+
+
+def build_parser(description: str, default_config: str) -> argparse.ArgumentParser:
+    """The options of both pretraining jobs."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--deepspeed_config", "--config", default=default_config,
+                   help="DeepSpeed JSON; its 'attent' section switches the teacher on")
+    p.add_argument("--no-teacher", action="store_true", help="ignore the 'attent' section")
+    p.add_argument("--out", default="runs/demo", help="metrics, plot and checkpoints go here")
+    p.add_argument("--data", default=".cache/stdlib-corpus",
+                   help="a corpus directory: one attent-prepare wrote (built from the standard "
+                        "library when missing), or MDS shards of your own in DIR/train and "
+                        "DIR/val; with --remote, the local cache of the remote corpus")
+    p.add_argument("--remote", default=None,
+                   help="a prepared corpus in an object store or another path (s3://bucket/dir): "
+                        "streamed into --data as a cache instead of building one")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="source bytes read when building the corpus (default 1000000; 0 = all)")
+    p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default 1024)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64)")
+    p.add_argument("--model", default="demo",
+                   help=f"a named Llama shape: {', '.join(MODEL_SHAPES)} (ignored with "
+                        "--model-config or --init-from)")
+    p.add_argument("--model-config", default=None,
+                   help="a transformers config.json (or its directory) of any causal LM, "
+                        "trained from fresh weights")
+    p.add_argument("--init-from", default=None,
+                   help="a save_pretrained directory to continue pretraining from")
+    p.add_argument("--reference-scores", default=None,
+                   help="per-sample reference scores (.npy, one float per training sample) for "
+                        "'score: reducible' (RHO-LOSS); see tools/reference_scores.py")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training data")
+    p.add_argument("--seed", type=int, default=0, help="model init and data order")
+    p.add_argument("--budget-fraction", type=float, default=1.0,
+                   help="train only this share of the planned steps, with the learning-rate "
+                        "schedule fitted to it (full-data baselines at smaller budgets)")
+    p.add_argument("--eval-every", type=int, default=50, help="optimizer steps between evals")
+    p.add_argument("--eval-samples", type=int, default=256, help="validation sequences per eval")
+    p.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="save and exit after this many optimizer steps (tests resume)")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    p.add_argument("--no-shm-clean", action="store_true",
+                   help="leave streaming's shared memory alone at start: another streaming job "
+                        "runs on this node (each such job must read its own --data path)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
+    p.add_argument("--log-ids", action="store_true",
+                   help="write the sample ids each rank trains to out/ids.rank<R>.jsonl")
+    p.add_argument("--no-plot", action="store_true", help="skip metrics.png at the end")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+@dataclass
+class Progress:
+    """Trainer state that goes into every checkpoint (plain JSON)."""
+    step: int = 0                 # optimizer steps
+    pass_index: int = 0
+    samples_in_pass: int = 0      # consumed by the whole data-parallel group in this pass
+    samples: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    wall: float = 0.0             # training seconds before this process started
+    teacher_time: float = 0.0     # pool scoring, score gathering, selection
+    eval_time: float = 0.0
+    fingerprint: str = ""
+    val_loss: Optional[float] = None
+    world: int = 0                # data-parallel ranks that wrote the checkpoint (0: unknown)
+
+
+# ---- start-up ---------------------------------------------------------------------------------
+
+def single_process_env() -> None:
+    """Started without a launcher: describe a world of one so init_distributed needs no MPI."""
+    if "RANK" in os.environ:
+        return
+    # Bare `srun -n N` would start N jobs of one rank each, all writing to the same --out.
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", 1))
+    if tasks > 1:
+        raise SystemExit(
+            f"attent-pretrain: srun started {tasks} tasks but RANK is unset, so each would "
+            "train alone; submit launchers/slurm/pretrain.sbatch, or set RANK, WORLD_SIZE, "
+            "LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in every task")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def start_job(args, job: str):
@@ -44,7 +145,7 @@ def start_job(args, job: str):
         raw_config, attent = split_deepspeed_config(args.deepspeed_config)
     except (ConfigError, OSError) as exc:
         raise SystemExit(f"{job}: {args.deepspeed_config}: {exc}") from None
-    _single_process_env()
+    single_process_env()
     adopt_launcher_env()
     if args.remote:
         try:
@@ -68,6 +169,67 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
+# ---- data ---------------------------------------------------------------------------------------
+
+def prepare_data(args, comm) -> dict:
+    """Use the corpus in --data; build it (rank 0, others wait) when it does not exist yet.
+
+    Corpus options left unset take the existing corpus's values (or the defaults when building);
+    options set explicitly must match an existing corpus.
+    """
+    from .data import prepare_corpus
+    root = Path(args.data)
+    wanted = {k: getattr(args, k) for k in CORPUS_DEFAULTS if getattr(args, k) is not None}
+    if args.remote:
+        # One download per node; the shards themselves stream in on demand.
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not (root / "meta.json").exists():
+            from .streaming_data import fetch_file
+            fetch_file(f"{args.remote.rstrip('/')}/meta.json", root / "meta.json")
+        comm.barrier()
+    if (root / "meta.json").exists():
+        meta = json.loads((root / "meta.json").read_text())
+        clash = {k: (v, meta.get(k)) for k, v in wanted.items()
+                 if (v or None) != meta.get(k)}
+        if clash:
+            raise SystemExit(f"--data {root} holds a corpus built with other settings: " +
+                             ", ".join(f"--{k.replace('_', '-')} {v} vs corpus {m}"
+                                       for k, (v, m) in clash.items()) +
+                             "; drop these options or choose another --data directory")
+        return meta
+    opts = {**CORPUS_DEFAULTS, **wanted}
+    if comm.rank == 0:
+        prepare_corpus(root, seq_len=opts["seq_len"], vocab_size=opts["vocab_size"],
+                       max_bytes=opts["max_bytes"] or None)
+    comm.barrier()
+    return json.loads((root / "meta.json").read_text())
+
+
+def check_corpus(root: Path, meta: dict, remote: bool) -> None:
+    """Refuse, before any training, a corpus that would train on wrong or unreadable data.
+
+    Every rank runs the same checks on the same files, so every rank stops with the same error
+    (no rank is left waiting in a collective).
+    """
+    from .data import load_tokenizer, verify_split
+    try:
+        # With a remote, absent shards stream in later and streaming validates them on download;
+        # so does index.json itself while the cache is still empty.
+        for split, n in (("train", meta["num_train"]), ("val", meta["num_val"])):
+            if remote and not (root / split / "index.json").exists():
+                continue
+            verify_split(root / split, n, allow_missing=remote)
+    except ValueError as exc:
+        raise SystemExit(f"attent-pretrain: --data {root}: {exc}") from None
+    if (root / "tokenizer.model").exists():
+        pieces = load_tokenizer(root).get_piece_size()
+        if pieces > meta["vocab_size"]:
+            # Token ids >= the embedding size would index past it: a crash on CPU, silent garbage
+            # or a device assert on GPU.
+            raise SystemExit(f"attent-pretrain: --data {root}: the tokenizer has {pieces} pieces "
+                             f"but meta.json's vocab_size (the model's embedding size) is "
+                             f"{meta['vocab_size']}; prepare the corpus again so they agree")
+
+
 def open_data(args, comm, micro: int):
     """(meta, train_ds, val_ds): the prepared corpus (built or fetched first) and its readers."""
     from streaming import StreamingDataset
@@ -88,64 +250,158 @@ def open_data(args, comm, micro: int):
     return meta, train_ds, val_ds
 
 
-def make_probe(model, attent):
-    """The forward hooks a signal needs (attention importance, per-example gradients), or None."""
-    if attent is not None and attent.signal == "attention_fgrad":
-        from .attention import AttentionImportance
-        return AttentionImportance(model, attent.attention.layers, attent.attention.query_chunk)
-    if attent is not None and attent.signal == "grad_norm":
-        from .grad_norm import GradNormProbe
-        return GradNormProbe.from_config(model, attent.grad_norm)
-    return None
+def read_reference(path: Optional[str], num_samples: int) -> Optional[np.ndarray]:
+    """``--reference-scores``: one float per training sample, or a clear refusal."""
+    if path is None:
+        return None
+    try:
+        ref = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"attent-pretrain: --reference-scores {path}: unreadable ({exc})")
+    if ref.shape != (num_samples,) or not np.issubdtype(ref.dtype, np.floating):
+        raise SystemExit(f"attent-pretrain: --reference-scores {path}: got {ref.dtype} "
+                         f"{ref.shape}; allowed: floats of shape ({num_samples},), one per "
+                         "training sample; fix: score this corpus with tools/reference_scores.py")
+    return ref
 
 
-def refuse_foreign_checkpoint(job: str, saved: dict, meta: dict, ckpt: Path, data: str) -> None:
-    """Stops before anything loads: another corpus's scores and selection index other examples."""
-    if saved["fingerprint"] != meta["fingerprint"]:
-        raise SystemExit(f"{job}: the checkpoint in {ckpt} was made on another dataset (its "
-                         f"fingerprint {saved['fingerprint'][:12]}, --data {data} has "
+def read_sources(train_ds, meta: dict) -> Optional[np.ndarray]:
+    """Per-sample source ids of the training split, when the corpus records them."""
+    if len(meta.get("sources") or []) < 2:
+        return None
+    column = meta.get("source_column", "source")
+    return np.fromiter((int(train_ds.get_item(i)[column]) for i in range(train_ds.full_size)),
+                       dtype=np.int64, count=train_ds.full_size)
+
+
+# ---- the job ------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """Everything both pretraining loops build the same way, in build order."""
+    args: Any
+    name: str
+    comm: Any
+    device: torch.device
+    out: Path
+    meta: dict
+    train_ds: Any
+    val_ds: Any
+    model: torch.nn.Module
+    teaching: Teaching
+    micro: int
+    planned: int
+    ckpt: Path
+    saved: Optional[dict]     # the trainer state of the checkpoint to resume, if any
+
+    @property
+    def fresh_progress(self) -> Progress:
+        return Progress(fingerprint=self.meta["fingerprint"], world=self.comm.world)
+
+
+def open_job(args, name: str, attent, micro: int, global_batch: int, comm, device) -> Job:
+    """Data, model and teacher of a pretraining job, and the checkpoint it would resume."""
+    from .checkpoint import read_trainer_state
+    from .model import ModelError, build_model
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta, train_ds, val_ds = open_data(args, comm, micro)
+    try:
+        model = build_model(args.model, meta["vocab_size"], meta["seq_len"], args.seed,
+                            model_config=args.model_config, init_from=args.init_from)
+    except ModelError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+    from .config import ConfigError
+    try:
+        teaching = Teaching(attent, meta["num_train"], args.epochs, global_batch, comm=comm,
+                            data_seed=args.seed, model=model,
+                            sources=read_sources(train_ds, meta) if _wants_sources(attent)
+                            else None,
+                            reference=read_reference(args.reference_scores, meta["num_train"]))
+    except ConfigError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+    planned = max(1, math.floor(teaching.planned_steps() * args.budget_fraction))
+    ckpt = out / "checkpoints"
+    try:
+        saved = None if args.no_resume else read_trainer_state(ckpt)
+    except RuntimeError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+    if saved is not None and saved["fingerprint"] != meta["fingerprint"]:
+        # Another corpus's scores and selection index other examples.
+        raise SystemExit(f"{name}: the checkpoint in {ckpt} was made on another dataset (its "
+                         f"fingerprint {saved['fingerprint'][:12]}, --data {args.data} has "
                          f"{meta['fingerprint'][:12]}); use another --out, the original --data, "
                          "or pass --no-resume")
+    return Job(args, name, comm, device, out, meta, train_ds, val_ds, model, teaching, micro,
+               planned, ckpt, saved)
 
 
-def weighted_loss(ce: torch.Tensor, ids: np.ndarray, teacher) -> torch.Tensor:
-    """The batch loss: the mean of per-example mean token losses, each example weighted by the
-    teacher where its selection rescales (soft selection with ``rescale``), else plain."""
-    per_example = ce.mean(dim=1)
-    w = teacher.weights_for(ids)
-    if w is not None:
-        per_example = per_example * torch.as_tensor(w, device=ce.device, dtype=ce.dtype)
-    return per_example.mean()
+def _wants_sources(attent) -> bool:
+    return attent is not None and bool(getattr(attent.selection, "per_source", False))
 
+
+def resume_elastic(prog: Progress, teacher, world: int, global_batch: int) -> int:
+    """Adapt a checkpoint written on another world size; returns the new planned step count.
+
+    The teacher's state is global (the whole score table, the selection), so it carries over as
+    it is, except that a kept selection is cut to whole global batches of this world size. The
+    pass in progress continues where it stopped when the samples it consumed are whole global
+    batches here and its selection was not cut (streaming's sample order depends on the
+    canonical nodes, not on the rank count, so the same samples are skipped); otherwise it ends
+    at the checkpoint and its untrained ids are counted as skipped.
+    """
+    old_world = prog.world
+    resized = teacher.selection_resized
+    p, done = prog.pass_index, prog.samples_in_pass
+    note = ""
+    if done > 0:
+        size = resized[0] if resized else len(teacher.selection.ids)
+        if resized is not None or done % global_batch:
+            prog.skipped += size - done
+            prog.pass_index, prog.samples_in_pass = p + 1, 0
+            note = f"; pass {p} ends here, {size - done} of its {size} selected ids untrained"
+        else:
+            note = f"; pass {p} continues after its first {done} samples"
+    if resized is not None:
+        note += f"; the kept selection was cut from {resized[0]} to {resized[1]} ids"
+    print0(f"elastic resume: checkpoint of {old_world} ranks, now {world} (global batch "
+           f"{global_batch}); optimizer moments restart from the loaded weights{note}")
+    prog.world = world
+    # Steps so far had another global batch: the remaining plan is counted in this world's steps.
+    return prog.step + teacher.planned_steps()
+
+
+# ---- the books ----------------------------------------------------------------------------------
 
 class Run:
     """Progress, clocks, logs and pass bookkeeping of one pretraining job (see the module doc).
 
-    ``model`` is what evaluation and pool scoring call (the DeepSpeed engine, or the FSDP2
-    module); ``save(tag)`` writes a checkpoint in the job's own format with ``prog`` as its state.
+    ``model`` is what evaluation calls (the DeepSpeed engine, or the FSDP2 module); ``save(tag)``
+    writes a checkpoint in the job's own format with ``prog`` as its state.
     """
 
-    def __init__(self, args, out: Path, comm, teacher, prog: Progress, planned: int, device,
-                 model, val_ds, micro: int, save: Callable[[str], None]):
+    def __init__(self, job: Job, prog: Progress, planned: int, model,
+                 save: Callable[[str], None]):
         from tqdm import tqdm
 
         from .report import MetricsLogger
-        self.args, self.out, self.comm, self.teacher = args, out, comm, teacher
-        self.prog, self.planned, self.device = prog, planned, device
-        self.model, self.val_ds, self.micro, self._save = model, val_ds, micro, save
-        self.per_micro = micro * comm.world  # samples the whole group trains per micro batch
-        self.gas = teacher.global_batch // self.per_micro
-        self.metrics = MetricsLogger(out / "metrics.jsonl" if comm.rank == 0 else None)
+        self.job, self.args, self.out, self.comm = job, job.args, job.out, job.comm
+        self.teaching = job.teaching
+        self.prog, self.planned, self.device = prog, planned, job.device
+        self.model, self.val_ds, self.micro, self._save = model, job.val_ds, job.micro, save
+        self.per_micro = job.micro * job.comm.world  # samples the group trains per micro batch
+        self.gas = self.teaching.global_batch // self.per_micro
+        self.metrics = MetricsLogger(job.out / "metrics.jsonl" if job.comm.rank == 0 else None)
+        self.teaching.listeners.append(self._selected)
         # Line-buffered: a killed job's log still holds every step it trained (crash tests
         # rely on it).
-        self.id_log = (open(out / f"ids.rank{comm.rank}.jsonl", "a", buffering=1)
-                       if args.log_ids else None)
+        self.id_log = (open(job.out / f"ids.rank{job.comm.rank}.jsonl", "a", buffering=1)
+                       if self.args.log_ids else None)
         self._t0 = time.perf_counter() - prog.wall
         # In a log file (not a terminal) redraw rarely, so the log stays readable.
-        self.bar = tqdm(total=planned, initial=prog.step, disable=comm.rank != 0, desc="train",
-                        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
-        self.window: list[np.ndarray] = []  # this rank's free scores since the last train record
-        self.pending = DeviceScores()
+        self.bar = tqdm(total=planned, initial=prog.step, disable=job.comm.rank != 0,
+                        desc="train", dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 15)
         self.stopped = False
 
     # -- clocks -----------------------------------------------------------------------------
@@ -160,6 +416,7 @@ class Run:
 
     # -- evaluation and checkpoints ---------------------------------------------------------
     def evaluate(self) -> None:
+        from .scoring import evaluate
         prog = self.prog
         start = self.sync_clock()
         prog.val_loss = evaluate(self.model, self.val_ds, self.args.eval_samples, self.micro,
@@ -171,7 +428,8 @@ class Run:
         self.bar.set_postfix(val=f"{prog.val_loss:.4f}")
 
     def checkpoint(self, tag: str) -> None:
-        self.pending.flush(self.teacher, self.window)
+        t = self.teaching
+        self.prog.pass_index, self.prog.samples_in_pass = t.pass_index, t.samples_done
         self.prog.wall = self.now()
         self._save(tag)
 
@@ -180,64 +438,51 @@ class Run:
         """The passes still to train; the first evaluation happens before a fresh run's first."""
         if self.prog.step == 0:
             self.evaluate()
-        yield from range(self.prog.pass_index, self.args.epochs)
+        yield from range(self.teaching.pass_index, self.args.epochs)
 
-    def begin_pass(self, p: int, train_ds, probe):
+    def _selected(self, record: dict) -> None:
+        """The teacher began a pass (not a resumed one): count, print and log its decision."""
+        self.prog.skipped += record["skipped"]
+        if "line" in record and self.comm.rank == 0:
+            self.bar.write(record["line"])
+        self.metrics.log({**{k: v for k, v in record.items() if k not in ("line", "checksum")},
+                          "step": self.prog.step, "time": self.now()})
+        if self.id_log:
+            self.id_log.write(json.dumps({"pass": record["pass"],
+                                          "selection": record["checksum"],
+                                          "size": record["selected"]}) + "\n")
+
+    def begin_pass(self, p: int, pool_model=None):
         """The teacher's turn (pool scoring, then the same selection on every rank); sets the
         streaming dataset to the selection, from where a resumed pass left off."""
-        prog, teacher = self.prog, self.teacher
-        resuming = p == prog.pass_index and prog.samples_in_pass > 0
-        t_teacher = self.sync_clock()
-        pool = teacher.pool_ids(p)
-        if pool is not None and not resuming:
-            score_pool(self.model, train_ds, pool, teacher, probe, self.micro, self.comm,
-                       self.device, prog.step)
-        self.pending.flush(teacher, self.window)
-        selection, summary = teacher.begin_pass(p)
-        prog.teacher_time += self.sync_clock() - t_teacher
-        skipped = teacher.full_pass_size - len(selection.ids)
-        if not resuming:
-            prog.skipped += skipped  # what a full pass would have trained, minus the selection
-        if summary is not None:
-            if self.comm.rank == 0:
-                self.bar.write(summary.line())
-            q10, q50, q90 = summary.score_quantiles
-            self.metrics.log({"type": "selection", "step": prog.step, "time": self.now(),
-                              "pass": p, "kind": summary.kind, "ratio": summary.ratio,
-                              "selected": summary.selected, "skipped": summary.skipped,
-                              "invalid": summary.invalid, "unscored": summary.unscored,
-                              "q10": q10, "q50": q50, "q90": q90,
-                              "selected_mean": summary.selected_mean_score})
-        elif not resuming:
-            self.metrics.log({"type": "selection", "step": prog.step, "time": self.now(),
-                              "pass": p, "kind": teacher.plan[p].kind,
-                              "ratio": teacher.plan[p].ratio, "selected": len(selection.ids),
-                              "skipped": skipped})
-        if self.id_log and not resuming:
-            self.id_log.write(json.dumps({"pass": p, "selection": selection.checksum,
-                                          "size": len(selection.ids)}) + "\n")
-        train_ds.set_pass(p, selection.ids, prog.samples_in_pass)
+        from .scoring import pool_scorer
+        t = self.teaching
+        start = self.sync_clock()
+        scorer = (pool_scorer(pool_model, self.job.train_ds, t, self.device)
+                  if pool_model is not None else None)
+        selection = t.begin_pass(p, scorer, self.micro)
+        self.prog.teacher_time += self.sync_clock() - start
+        self.job.train_ds.set_pass(p, selection.ids, t.samples_done)
         return selection
 
     def last_micro(self) -> bool:
         """Whether the micro batch about to train closes a gradient-accumulation window."""
-        return (self.prog.samples_in_pass // self.per_micro + 1) % self.gas == 0
+        return (self.teaching.samples_done // self.per_micro + 1) % self.gas == 0
 
-    def trained(self, p: int, ids: np.ndarray, scores, tokens: torch.Tensor) -> None:
-        """Books one micro batch every rank has trained (its free scores wait on the device)."""
+    def trained(self, p: int, ids: np.ndarray, tokens: torch.Tensor) -> None:
+        """Books one micro batch every rank has trained (after ``teaching.update``)."""
         prog = self.prog
-        if self.teacher.wants_free_scores():
-            self.pending.add(ids, scores, prog.step)
         if self.id_log:
             self.id_log.write(json.dumps({"pass": p, "step": prog.step,
-                                          "ids": ids.tolist()}) + "\n")
-        prog.samples_in_pass += self.per_micro
+                                          "ids": np.asarray(ids).tolist()}) + "\n")
         prog.samples += self.per_micro
         prog.tokens += self.per_micro * tokens.shape[1]
+        self._closed = self.teaching.pass_index != p or \
+            (self.teaching.samples_done // self.per_micro) % self.gas == 0
 
     def window_closed(self) -> bool:
         """After ``trained``: whether that micro batch ended an accumulation window."""
-        return (self.prog.samples_in_pass // self.per_micro) % self.gas == 0
+        return self._closed
 
     def stepped(self, p: int, loss: torch.Tensor, lr: float) -> bool:
         """Books one optimizer step: logs, evaluation, checkpoint. True: leave the pass (the
@@ -249,12 +494,13 @@ class Run:
             record = {"type": "train", "step": prog.step, "time": self.now(),
                       "loss": loss.item(), "lr": lr, "tokens": prog.tokens,
                       "samples": prog.samples}
-            self.pending.flush(self.teacher, self.window)
-            if self.window:
-                q = np.nanquantile(np.concatenate(self.window), [0.1, 0.5, 0.9])
+            self.teaching.flush()
+            seen = self.teaching.last_scores
+            if seen:
+                q = np.nanquantile(np.concatenate(seen), [0.1, 0.5, 0.9])
                 record.update(score_q10=float(q[0]), score_q50=float(q[1]),
                               score_q90=float(q[2]))
-                self.window.clear()
+                seen.clear()
             self.metrics.log(record)
             self.bar.set_postfix(loss=f"{loss.item():.3f}", p=p)
         if args.eval_every and prog.step % args.eval_every == 0:
@@ -266,21 +512,14 @@ class Run:
             return True
         return prog.step >= self.planned  # before the planned end only with --budget-fraction
 
-    def end_pass(self, p: int, selection) -> bool:
+    def end_pass(self, p: int) -> bool:
         """After a pass's loop. True: the run leaves its pass loop (stopped, or budget spent)."""
-        prog = self.prog
         if self.stopped:
-            if prog.samples_in_pass >= len(selection.ids):
-                prog.pass_index, prog.samples_in_pass = p + 1, 0
-            else:
-                prog.pass_index = p
-            self.checkpoint(f"step{prog.step}")
-            print0(f"stopped after step {prog.step} (--stop-after); resume with the same command")
+            self.checkpoint(f"step{self.prog.step}")
+            print0(f"stopped after step {self.prog.step} (--stop-after); resume with the same "
+                   "command")
             return True
-        if prog.step >= self.planned:
-            return True
-        prog.pass_index, prog.samples_in_pass = p + 1, 0
-        return False
+        return self.prog.step >= self.planned
 
     def finish(self, teacher_off: str, title: str) -> None:
         """Closes the logs; unless stopped: final evaluation, summary table, plot, final save."""
@@ -297,7 +536,7 @@ class Run:
         wall = self.now()
         train_s = max(wall - prog.eval_time - prog.teacher_time, 1e-9)
         rows = {
-            "teacher": "on" if self.teacher.enabled else teacher_off,
+            "teacher": "on" if self.teaching.enabled else teacher_off,
             "optimizer steps": prog.step,
             "tokens trained": prog.tokens,
             "examples trained": prog.samples,

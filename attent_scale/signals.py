@@ -17,17 +17,28 @@ IGNORE_INDEX = -100
 
 def causal_token_losses(logits: torch.Tensor, labels: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy per token, with grad: (losses [B, T-1] float32, labels [B, T-1]).
+    """Next-token cross-entropy per token: (losses [B, T-1] float32, labels [B, T-1]).
 
     ``labels`` follow the Hugging Face convention: aligned with the inputs (for pretraining, the
     input ids themselves), so position t predicts ``labels[:, t+1]``; -100 marks tokens that
     neither train nor score (their loss is 0). Computed in float32 whatever the logits' dtype.
+    With grad the losses are differentiable; without, rows are reduced a few at a time so only a
+    slice of the logits is ever upcast.
     """
     shifted = labels[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                           shifted.flatten(), reduction="none",
-                                           ignore_index=IGNORE_INDEX)
-    return ce.view(shifted.shape), shifted
+    if torch.is_grad_enabled() and logits.requires_grad:
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                               shifted.flatten(), reduction="none",
+                                               ignore_index=IGNORE_INDEX)
+        return ce.view(shifted.shape), shifted
+    out = torch.empty(shifted.shape, dtype=torch.float32, device=logits.device)
+    rows = max(1, (1 << 24) // max(1, shifted.shape[1] * logits.shape[-1]))  # 64 MiB of float32
+    with torch.no_grad():
+        for s in range(0, logits.shape[0], rows):
+            out[s:s + rows] = torch.nn.functional.cross_entropy(
+                logits[s:s + rows, :-1].float().transpose(1, 2), shifted[s:s + rows],
+                reduction="none", ignore_index=IGNORE_INDEX)
+    return out, shifted
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ remainder rule and order: the plain-training baseline.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -38,7 +37,6 @@ from .teacher import PassSummary, Teacher
 
 # Kept apart from the purposes in policy.py (1-3): the order in which a pass's ids are trained.
 PURPOSE_ORDER = 11
-SESSION_STATE = "attent_session.json"
 
 ConfigLike = Union[AttentConfig, dict, None]
 Scorer = Callable[[np.ndarray], Union[torch.Tensor, np.ndarray]]
@@ -194,8 +192,14 @@ class Teaching:
         if summary is not None:
             q10, q50, q90 = summary.score_quantiles
             record.update(invalid=summary.invalid, unscored=summary.unscored, q10=q10, q50=q50,
-                          q90=q90, selected_mean=summary.selected_mean_score,
-                          line=summary.line())
+                          q90=q90, selected_mean=summary.selected_mean_score)
+            # "skipped" counts against a full pass (the remainder rule's size), as the run's
+            # summary does, so the two always add up.
+            record["line"] = (
+                f"[attent] pass {p} {plan.kind} r={plan.ratio:.3f} kept {record['selected']} "
+                f"skipped {record['skipped']} invalid {summary.invalid} unscored "
+                f"{summary.unscored} score q10/50/90 [{q10:.3f}, {q50:.3f}, {q90:.3f}] kept mean "
+                f"{summary.selected_mean_score:.3f} sum {selection.checksum:016x}")
         if self.sources is not None:
             counts = np.bincount(self.sources[selection.ids], minlength=int(self.sources.max()) + 1)
             record["source_share"] = (counts / max(1, len(selection.ids))).tolist()
@@ -286,43 +290,48 @@ class Teaching:
         ``labels`` [B, T] in the Hugging Face convention (aligned with the inputs, -100 where a
         token neither trains nor scores; shifted here); or ``token_losses`` [B, T'] + ``labels``
         [B, T'] already aligned (0 where the label is -100), with ``logits`` [B, T', V] aligned
-        with them when the signal needs logits. The returned loss is the mean over
-        the batch of each example's mean token loss, times its selection weight where the
-        selection rescales. Scores go to the teacher when training forwards score.
+        with them when the signal needs logits. The returned loss is the mean over the batch of
+        each example's mean token loss, times its selection weight where the selection
+        rescales. Scores go to the teacher when training forwards score.
         """
         ids = _as_ids(ids)
-        score = self.wants_scores()
-        fgrad_logits = None
         if losses is not None:
-            if score and self.cfg.signal != "loss":
-                raise ConfigError(f"attent.signal: got {self.cfg.signal!r}; update(ids, losses) "
-                                  "carries per-example losses only; fix: pass logits= and "
-                                  "labels= instead, or use signal 'loss'")
-            per_example = losses
-            if score:
+            if self.wants_scores():
+                if self.cfg.signal != "loss":
+                    raise ConfigError(f"attent.signal: got {self.cfg.signal!r}; update(ids, "
+                                      "losses) carries per-example losses only; fix: pass "
+                                      "logits= and labels= instead, or use signal 'loss'")
                 self._keep(ids, losses.detach().float())
+            self.trained(len(ids))
+            per_example = losses
         else:
             if token_losses is None:
                 if logits is None or labels is None:
                     raise TypeError("update() needs losses=, or logits= and labels=, or "
                                     "token_losses= and labels=")
                 token_losses, labels = causal_token_losses(logits, labels)
-                fgrad_logits = logits[:, :-1]
+                logits = logits[:, :-1]
             elif labels is None:
                 raise TypeError("update(token_losses=...) needs labels= (aligned, -100 where a "
                                 "token does not count)")
-            else:
-                fgrad_logits = logits  # with token_losses: already aligned with them
+            self.observe(ids, token_losses, labels, logits)
             maskf = (labels != IGNORE_INDEX).to(token_losses.dtype)
             per_example = (token_losses * maskf).sum(dim=1) / maskf.sum(dim=1).clamp_min(1)
-            if score:
-                self._keep(ids, self.scores(token_losses, labels, fgrad_logits))
         weights = self.teacher.weights_for(ids)
         if weights is not None:
             per_example = per_example * torch.as_tensor(weights, device=per_example.device,
-                                                         dtype=per_example.dtype)
-        self.trained(len(ids))
+                                                        dtype=per_example.dtype)
         return per_example.mean()
+
+    def observe(self, ids, token_losses: torch.Tensor, labels: torch.Tensor,
+                logits: Optional[torch.Tensor] = None) -> None:
+        """Book one micro batch this rank trains, its loss built by the caller: the scores of
+        its aligned ``token_losses`` / ``labels`` (and ``logits`` where the signal needs them)
+        go to the teacher when training forwards score."""
+        ids = _as_ids(ids)
+        if self.wants_scores():
+            self._keep(ids, self.scores(token_losses, labels, logits))
+        self.trained(len(ids))
 
     def record(self, ids, scores: Union[torch.Tensor, np.ndarray]) -> None:
         """Hand scores of ``ids`` to the teacher yourself (e.g. from an extra scoring forward)."""
@@ -375,8 +384,6 @@ class Teaching:
         self.teacher.sync()
         if self.comm.rank == 0 or self.teacher.sharded:
             self.teacher.save(directory, extra={**self.position(), **(extra or {})})
-        if self.comm.rank == 0:
-            (directory / SESSION_STATE).write_text(json.dumps(self.position()))
         self.comm.barrier()
 
     def load(self, directory: Union[str, Path]) -> dict:

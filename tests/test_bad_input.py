@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from attent_scale.config import ConfigError, parse_attent
-from attent_scale.pretrain import check_corpus
+from attent_scale.loop import check_corpus
 from conftest import ROOT, free_port, run_job, write_config
 
 

@@ -90,7 +90,7 @@ def _trainer(model_dir, data_dir, out, attent, **targs):
                             train_dataset=ds, attent=attent,
                             data_collator=DataCollatorForSeq2Seq(load_tokenizer(model_dir),
                                                                  padding=True))
-    trainer.teacher = trainer._build_teacher()
+    trainer.teaching = trainer._build_teaching()
     return trainer, ds
 
 
@@ -126,16 +126,16 @@ def test_scores_count_answer_tokens_only(tiny_hf_model, gsm8k_tokenized, tmp_pat
     batch = _batch(trainer, ds, ids)
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, dict(batch))
-    trainer.flush_scores()
-    trainer.teacher.sync()
+    trainer.teaching.flush()
+    trainer.teaching.teacher.sync()
     nll = _hand_nll(trainer, ds, ids, batch)
-    got = trainer.teacher.scores[ids]
+    got = trainer.teaching.teacher.scores[ids]
     np.testing.assert_allclose(got, [sum(a) / len(a) for a, _ in nll], rtol=1e-4)
     assert not np.allclose(got, [sum(n) / len(n) for _, n in nll], rtol=1e-3), \
         "prompt tokens leaked into the scores"
     tot, cnt = sum(sum(a) for a, _ in nll), sum(len(a) for a, _ in nll)
     assert math.isclose(float(loss.detach()), tot / cnt, rel_tol=1e-4)
-    assert trainer.teacher.scored.sum() == len(ids)
+    assert trainer.teaching.teacher.scored.sum() == len(ids)
 
 
 def test_soft_selection_with_rescale_weights_each_examples_tokens(tiny_hf_model, gsm8k_tokenized,
@@ -143,7 +143,7 @@ def test_soft_selection_with_rescale_weights_each_examples_tokens(tiny_hf_model,
     trainer, ds = _trainer(tiny_hf_model, gsm8k_tokenized, tmp_path,
                            {"preset": "attent-simple",
                             "selection": {"method": "soft", "rescale": True}})
-    teacher = trainer.teacher
+    teacher = trainer.teaching.teacher
     teacher.record(np.arange(48), np.random.default_rng(0).uniform(1.0, 3.0, 48), stamp=0)
     teacher.begin_pass(0)
     sel, _ = teacher.begin_pass(1)
@@ -161,7 +161,7 @@ def test_step_budget_only_without_the_teacher(tiny_hf_model, gsm8k_tokenized, tm
     """The budget-matched full-data arm: max_steps plans enough whole passes and stops there."""
     trainer, ds = _trainer(tiny_hf_model, gsm8k_tokenized, tmp_path, None, max_steps=17)
     assert len(ds) == 48 and trainer.args.max_steps == 17  # 12 steps a pass: 2 passes planned
-    assert len(trainer.teacher.plan) == 2 and not trainer.teacher.enabled
+    assert trainer.teaching.num_passes == 2 and not trainer.teaching.enabled
     with pytest.raises(ValueError, match="max_steps=17: the teacher plans whole passes"):
         _trainer(tiny_hf_model, gsm8k_tokenized, tmp_path, {"preset": "attent-simple"},
                  max_steps=17)

@@ -71,13 +71,14 @@ def main(argv=None) -> int:
 
     import deepspeed
 
-    from attent_scale.deepspeed_plugin import initialize
+    from attent_scale.deepspeed_plugin import build_engine
     from attent_scale.grad_norm import GradNormProbe
+    from attent_scale.loop import single_process_env
     from attent_scale.model import MODEL_SHAPES, build_model
-from attent_scale.pretrain import _single_process_env, token_losses
+    from attent_scale.signals import causal_token_losses
     from attent_scale.signals import example_scores
 
-    _single_process_env()
+    single_process_env()
     cuda = args.device == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -95,7 +96,7 @@ from attent_scale.pretrain import _single_process_env, token_losses
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
     if cuda:
         ds["bf16"] = {"enabled": True}
-    engine = initialize(model, ds)
+    engine = build_engine(model, ds)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (args.micro, args.seq_len),
                            generator=gen).to(device)
@@ -105,7 +106,7 @@ from attent_scale.pretrain import _single_process_env, token_losses
     def train_step(probe=None):
         with probe.recording() if probe else torch.enable_grad():
             logits = engine(input_ids=tokens).logits
-        ce, labels = token_losses(logits, tokens)
+        ce, labels = causal_token_losses(logits, tokens)
         if probe:
             last["free"] = probe.attach(ce, torch.ones_like(labels, dtype=torch.bool))
         engine.backward(ce.mean())
@@ -114,7 +115,7 @@ from attent_scale.pretrain import _single_process_env, token_losses
     @torch.no_grad()
     def pool_loss():
         logits = engine(input_ids=tokens).logits
-        ce, labels = token_losses(logits, tokens)
+        ce, labels = causal_token_losses(logits, tokens)
         example_scores("loss", ce, labels, logits[:, :-1])
 
     @torch.no_grad()
@@ -124,7 +125,7 @@ from attent_scale.pretrain import _single_process_env, token_losses
                 # Past the engine, as attent-pretrain's pool pass: DeepSpeed's forward would take
                 # this backward for a training one.
                 logits = engine.module(input_ids=tokens).logits
-            ce, labels = token_losses(logits, tokens)
+            ce, labels = causal_token_losses(logits, tokens)
         last["pool"] = probe.score_now(ce, torch.ones_like(labels, dtype=torch.bool))
 
     def peak(fn) -> float:

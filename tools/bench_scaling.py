@@ -5,8 +5,8 @@ Whole-run throughput on a shared host drifts by more than the teacher costs (doc
 the same engine and batches, interleaved block by block:
 
 - plain: forward, mean loss, backward, optimizer step (what the job does without ``attent``);
-- teacher: the same step through the job's own ``forward_scores`` with free ``loss`` scores,
-  the scores queued on the device (``DeviceScores``) and flushed to the teacher every 10 steps,
+- teacher: the same step through the public ``Teaching.update`` with free ``loss`` scores,
+  the scores kept on the device and flushed to the teacher every 10 steps,
   as the job does between its logging points.
 
 The selection at a pass end (gather every rank's scores, then select) is timed on its own, for a
@@ -39,11 +39,10 @@ FLUSH_EVERY = 10  # steps between host copies of queued scores (the job's loggin
 def worker(args) -> None:
     import deepspeed
 
+    from attent_scale import Teaching, causal_token_losses
     from attent_scale.comm import make_comm
-    from attent_scale.config import parse_attent
-    from attent_scale.deepspeed_plugin import initialize
-    from attent_scale.pretrain import DeviceScores, build_model, forward_scores, token_losses
-    from attent_scale.teacher import Teacher
+    from attent_scale.deepspeed_plugin import build_engine
+    from attent_scale.model import build_model
 
     cuda = args.device == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
@@ -57,7 +56,7 @@ def worker(args) -> None:
     comm = make_comm()
     world = comm.world
     model = build_model(args.model, args.vocab_size, args.seq_len, seed=0)
-    engine = initialize(model, {
+    engine = build_engine(model, {
         "train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
         "steps_per_print": 10**9, "bf16": {"enabled": cuda}, "gradient_clipping": 1.0,
         "zero_optimization": {"stage": args.zero_stage},
@@ -67,26 +66,26 @@ def worker(args) -> None:
                for _ in range(4)]
     global_batch = args.micro * world
     pass_samples = args.pass_samples - args.pass_samples % global_batch
-    teacher = Teacher(parse_attent({"preset": "attent-simple"}), pass_samples, 2, global_batch,
-                      comm)
-    queued = DeviceScores()
+    teaching = Teaching({"preset": "attent-simple"}, pass_samples, 2, global_batch, comm=comm)
     state = {"step": 0}
 
     def step(score: bool) -> None:
         i = state["step"]
         tokens = batches[i % len(batches)]
         if score:
-            ce, scores = forward_scores(engine, tokens, teacher, None, score=True)
             # Ids of this rank's rows, as the streaming partition hands them out.
             ids = (np.arange(args.micro) + (i * world + comm.rank) * args.micro) % pass_samples
-            queued.add(ids, scores, i)
+            with teaching.recording():
+                logits = engine(input_ids=tokens).logits
+            loss = teaching.update(ids, logits=logits, labels=tokens)
         else:
-            ce, _ = token_losses(engine(input_ids=tokens).logits, tokens)
-        engine.backward(ce.mean())
+            ce, _ = causal_token_losses(engine(input_ids=tokens).logits, tokens)
+            loss = ce.mean()
+        engine.backward(loss)
         engine.step()
         state["step"] = i + 1
         if score and state["step"] % FLUSH_EVERY == 0:
-            queued.flush(teacher, [])
+            teaching.flush()
 
     def block(score: bool) -> float:
         synchronize()
@@ -106,20 +105,20 @@ def worker(args) -> None:
         first, second = (plain, taught) if r % 2 == 0 else (taught, plain)
         first.append(block(first is taught))
         second.append(block(second is taught))
-    queued.flush(teacher, [])
-    teacher.sync()
+    teaching.flush()
+    teaching.teacher.sync()
 
     # The pass end: every rank's scores for a whole pass, gathered, then the selection.
     rng = np.random.default_rng(comm.rank)
     mine = np.arange(comm.rank, pass_samples, world)
     ends = []
     for _ in range(5):
-        teacher.record(mine, rng.random(len(mine)), 10**6)
+        teaching.teacher.record(mine, rng.random(len(mine)), 10**6)
         synchronize()
         comm.barrier()
         start = time.perf_counter()
-        teacher.begin_pass(1)  # gathers the pending scores, selects, checks the checksum
-        teacher.selection_pass = -1  # select again next time, not reuse
+        teaching.teacher.begin_pass(1)  # gathers the pending scores, selects, checks the checksum
+        teaching.teacher.selection_pass = -1  # select again next time, not reuse
         ends.append((time.perf_counter() - start) * 1e3)
 
     if comm.rank == 0:

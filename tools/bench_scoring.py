@@ -51,17 +51,19 @@ def main(argv=None) -> int:
         raise SystemExit("bench_scoring needs a GPU")
 
     from attent_scale.attention import AttentionImportance
-    from attent_scale.deepspeed_plugin import initialize
-    from attent_scale.pretrain import _single_process_env, build_model, token_losses
+    from attent_scale.deepspeed_plugin import build_engine
+    from attent_scale.loop import single_process_env
+    from attent_scale.model import build_model
+    from attent_scale.signals import causal_token_losses
     from attent_scale.signals import example_scores
     import deepspeed
 
-    _single_process_env()
+    single_process_env()
     deepspeed.init_distributed(dist_backend="nccl")
     torch.cuda.set_device(0)
     model = build_model(args.model, args.vocab_size, args.seq_len, seed=0)
     probe = AttentionImportance(model, [-1])
-    engine = initialize(model, {
+    engine = build_engine(model, {
         "train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
         "steps_per_print": 10**9, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}})
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     def train_step(record: bool = False):
         with probe.recording(record):
             logits = engine(input_ids=tokens).logits
-        ce, labels = token_losses(logits, tokens)
+        ce, labels = causal_token_losses(logits, tokens)
         engine.backward(ce.mean())
         engine.step()
         state.update(logits=logits.detach(), ce=ce.detach(), labels=labels)
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     @torch.no_grad()
     def nograd_forward(signal=None):
         logits = engine(input_ids=tokens).logits
-        ce, labels = token_losses(logits, tokens)
+        ce, labels = causal_token_losses(logits, tokens)
         if signal:
             example_scores(signal, ce, labels, logits[:, :-1])
 

@@ -26,6 +26,7 @@ import torch
 from .checkpoint import TRAINER_STATE, commit, latest_tag, read_trainer_state, write_atomic  # noqa: F401
 from .comm import make_comm
 from .config import SECTION, ConfigError, split_deepspeed_config
+from .monitor import MonitorSink, open_monitor
 from .sampler import AttentSampler, WithIds, collate_with_ids
 from .signals import IGNORE_INDEX, causal_token_losses
 from .teaching import Teaching
@@ -179,6 +180,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         sampler, hooks)
     engine.training_dataloader = loader
     _checkpoint_with_teacher(engine, teaching)
+    monitor = open_monitor(ds_config, engine)
+    if monitor is not None:  # the teacher's decisions beside DeepSpeed's own training figures
+        sink = MonitorSink(monitor)
+        teaching.listeners.append(lambda r: sink.log({**r, "step": engine.global_steps}))
     return engine, optimizer, loader, lr_scheduler
 
 

@@ -33,7 +33,7 @@ SCHEDULER_STATE = "lr_scheduler.json"
 DEEPSPEED_ONLY = ("zero_optimization", "steps_per_print", "wall_clock_breakdown",
                   "zero_allow_untested_optimizer", "communication_data_type", "prescale_gradients",
                   "gradient_predivide_factor", "activation_checkpointing", "flops_profiler",
-                  "comms_logger", "tensorboard", "wandb", "csv_monitor", "monitor_config")
+                  "comms_logger")
 
 
 @dataclass(frozen=True)

@@ -303,7 +303,6 @@ class AttentTrainer(Trainer):
             epochs = -(-budget // per_pass)
         teaching = Teaching(self.attent_config, n, int(epochs), global_batch, comm=self.comm,
                             data_seed=seed, model=self.model)
-        teaching.listeners.append(self._printed)
         # The plan fixes the run's length; the Trainer's own arithmetic assumes equal epochs.
         # (Restored when train() returns: the caller's arguments are theirs.)
         self._user_max_steps = args.max_steps
@@ -362,10 +361,6 @@ class AttentTrainer(Trainer):
                                                "size": len(sel.ids)}) + "\n")
                 self._id_log.flush()
         return sel
-
-    def _printed(self, record: dict) -> None:
-        if "line" in record and self.comm.rank == 0:
-            print(record["line"], flush=True)
 
     # -- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):

@@ -314,7 +314,7 @@ def open_job(args, name: str, attent, micro: int, global_batch: int, comm, devic
     from .config import ConfigError
     try:
         teaching = Teaching(attent, meta["num_train"], args.epochs, global_batch, comm=comm,
-                            data_seed=args.seed, model=model,
+                            data_seed=args.seed, model=model, announce=False,
                             sources=read_sources(train_ds, meta) if _wants_sources(attent)
                             else None,
                             reference=read_reference(args.reference_scores, meta["num_train"]))
@@ -381,9 +381,10 @@ class Run:
     """
 
     def __init__(self, job: Job, prog: Progress, planned: int, model,
-                 save: Callable[[str], None]):
+                 save: Callable[[str], None], monitor=None):
         from tqdm import tqdm
 
+        from .monitor import MonitorSink
         from .report import MetricsLogger
         self.job, self.args, self.out, self.comm = job, job.args, job.out, job.comm
         self.teaching = job.teaching
@@ -392,6 +393,8 @@ class Run:
         self.per_micro = job.micro * job.comm.world  # samples the group trains per micro batch
         self.gas = self.teaching.global_batch // self.per_micro
         self.metrics = MetricsLogger(job.out / "metrics.jsonl" if job.comm.rank == 0 else None)
+        # DeepSpeed's monitor sections of the config (TensorBoard, W&B, CSV), when enabled.
+        self.sink = MonitorSink(monitor, job.meta.get("sources"))
         self.teaching.listeners.append(self._selected)
         # Line-buffered: a killed job's log still holds every step it trained (crash tests
         # rely on it).
@@ -403,6 +406,10 @@ class Run:
                         desc="train", dynamic_ncols=True,
                         mininterval=0.5 if sys.stderr.isatty() else 15)
         self.stopped = False
+
+    def log(self, record: dict) -> None:
+        self.metrics.log(record)
+        self.sink.log(record)
 
     # -- clocks -----------------------------------------------------------------------------
     def now(self) -> float:
@@ -422,9 +429,8 @@ class Run:
         prog.val_loss = evaluate(self.model, self.val_ds, self.args.eval_samples, self.micro,
                                  self.comm, self.device)
         prog.eval_time += self.sync_clock() - start
-        self.metrics.log({"type": "eval", "step": prog.step, "time": self.now(),
-                          "val_loss": prog.val_loss, "eval_time": prog.eval_time,
-                          "tokens": prog.tokens})
+        self.log({"type": "eval", "step": prog.step, "time": self.now(),
+                  "val_loss": prog.val_loss, "eval_time": prog.eval_time, "tokens": prog.tokens})
         self.bar.set_postfix(val=f"{prog.val_loss:.4f}")
 
     def checkpoint(self, tag: str) -> None:
@@ -445,8 +451,8 @@ class Run:
         self.prog.skipped += record["skipped"]
         if "line" in record and self.comm.rank == 0:
             self.bar.write(record["line"])
-        self.metrics.log({**{k: v for k, v in record.items() if k not in ("line", "checksum")},
-                          "step": self.prog.step, "time": self.now()})
+        self.log({**{k: v for k, v in record.items() if k not in ("line", "checksum")},
+                  "step": self.prog.step, "time": self.now()})
         if self.id_log:
             self.id_log.write(json.dumps({"pass": record["pass"],
                                           "selection": record["checksum"],
@@ -501,7 +507,7 @@ class Run:
                 record.update(score_q10=float(q[0]), score_q50=float(q[1]),
                               score_q90=float(q[2]))
                 seen.clear()
-            self.metrics.log(record)
+            self.log(record)
             self.bar.set_postfix(loss=f"{loss.item():.3f}", p=p)
         if args.eval_every and prog.step % args.eval_every == 0:
             self.evaluate()

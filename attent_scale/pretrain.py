@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     from . import deepspeed_plugin as dsp
     from .comm import make_comm, shutdown
     from .loop import Progress, Run, local_device, open_job, resume_elastic
+    from .monitor import open_monitor
     from .teaching import print0
 
     # -- distributed ----------------------------------------------------------------------------
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
     # -- train ----------------------------------------------------------------------------------
     run = Run(job, prog, planned, engine,
               save=lambda tag: dsp.save_checkpoint(engine, teaching, job.ckpt, tag,
-                                                   prog.__dict__))
+                                                   prog.__dict__),
+              monitor=open_monitor(ds_config, engine))
     for p in run.passes():
         run.begin_pass(p, engine.module)
         for batch in DataLoader(job.train_ds, batch_size=micro, num_workers=args.workers):

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
 
     from .comm import make_comm, shutdown
     from .loop import Progress, Run, local_device, open_job
+    from .monitor import open_monitor
     from .teaching import print0
 
     # -- distributed ----------------------------------------------------------------------------
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
     # -- train ----------------------------------------------------------------------------------
     run = Run(job, prog, planned, model,
               save=lambda tag: fsp.save_checkpoint(model, optimizer, scheduler, teaching,
-                                                   job.ckpt, tag, prog.__dict__))
+                                                   job.ckpt, tag, prog.__dict__),
+              monitor=open_monitor(raw_config))
     for p in run.passes():
         # Streaming hands each rank the same number of micro batches of the selection.
         run.begin_pass(p, model)

@@ -93,11 +93,12 @@ class Teaching:
         sources: per-sample source (domain) ids, for ``selection.per_source``.
         reference: per-sample reference scores, for ``score: reducible``.
         model: the module whose forward the attention and gradient signals hook.
+        announce: print one ``[attent]`` line per selection on the first rank.
     """
 
     def __init__(self, config: ConfigLike, num_samples: int, passes: int, global_batch: int, *,
                  comm=None, data_seed: int = 0, sources: Optional[np.ndarray] = None,
-                 reference: Optional[np.ndarray] = None, model=None):
+                 reference: Optional[np.ndarray] = None, model=None, announce: bool = True):
         self.cfg = as_config(config)
         self.comm = comm if comm is not None else make_comm()
         extra = {}
@@ -116,7 +117,7 @@ class Teaching:
         self.stamp = 0  # micro batches trained: orders score records in time
         self.selection: Optional[Selection] = None
         self._pending: list[tuple[np.ndarray, torch.Tensor, int]] = []
-        self.listeners: list[Callable[[dict], None]] = []
+        self.listeners: list[Callable[[dict], None]] = [_announce] if announce else []
         """Called on every rank with one record per pass begun (selections, for logs/monitors)."""
         self.last_scores: list[np.ndarray] = []  # host copies since the caller last cleared them
         self._grad_pool = False  # grad_norm: the recorded forward is a pool pass's
@@ -396,6 +397,11 @@ class Teaching:
         self.stamp = int(meta.get("stamp", 0))
         self.selection = None
         return meta
+
+
+def _announce(record: dict) -> None:
+    if "line" in record:
+        print0(record["line"])
 
 
 def _as_ids(ids) -> np.ndarray:

@@ -10,7 +10,9 @@ from conftest import read_ids, run_job, write_config
 
 
 def test_readme_job_teaches_and_learns(tiny_corpus, tmp_path):
-    cfg = write_config(tmp_path / "ds.json", stage=1, attent={"preset": "attent-simple"})
+    monitor = {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "demo"}
+    cfg = write_config(tmp_path / "ds.json", stage=1, attent={"preset": "attent-simple"},
+                       csv_monitor=monitor)
     out = tmp_path / "run"
     proc = run_job(cfg, tiny_corpus, out, nproc=1, launcher="python",
                    extra=["--epochs", "3", "--eval-every", "40"])
@@ -32,6 +34,15 @@ def test_readme_job_teaches_and_learns(tiny_corpus, tmp_path):
     overlap = len(np.intersect1d(rand, trained[1])) / k
     assert overlap < 0.9, overlap
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The config's monitor section (DeepSpeed's CSV monitor) got the teacher's per-pass figures
+    # beside the training curve.
+    csv = tmp_path / "monitor" / "demo"
+    kept = (csv / "attent_teacher_kept.csv").read_text().splitlines()
+    full = (meta["num_train"] // 8) * 8
+    assert kept[0] == "step,kept" and [float(r.split(",")[1]) for r in kept[1:]] == [full, k, k]
+    assert len((csv / "attent_teacher_q50.csv").read_text().splitlines()) == 2  # pass 1 selects
+    assert len((csv / "attent_eval_val_loss.csv").read_text().splitlines()) == len(evals) + 1
 
 
 def test_plain_deepspeed_job_without_section_trains_full_passes(tiny_corpus, tmp_path):

@@ -122,3 +122,29 @@ def test_section_needs_passes_and_data():
         attent_scale.initialize(model=None, config=cfg, training_data=[0] * 8)
     with pytest.raises(ValueError, match="training_data"):
         attent_scale.initialize(model=None, config=cfg, passes=2)
+
+
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json"])
+def test_shipped_configs_are_plain_deepspeed_once_autos_are_filled(name):
+    """Without its section a shipped config is an ordinary DeepSpeed config, except for the two
+    "auto" schedule lengths (the README names them), which initialize fills from the plan."""
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from attent_scale import resolve_auto, split_deepspeed_config
+    cfg, attent = split_deepspeed_config(ROOT / "configs" / name)
+    assert attent is not None and "attent" not in cfg
+
+    def autos(node, path=""):
+        if isinstance(node, dict):
+            return [a for k, v in node.items() for a in autos(v, f"{path}.{k}".lstrip("."))]
+        return [path] if node == "auto" else []
+    assert autos(cfg) == ["scheduler.params.total_num_steps", "scheduler.params.warmup_num_steps"]
+    params = resolve_auto(cfg, 400)["scheduler"]["params"]
+    assert (params["total_num_steps"], params["warmup_num_steps"]) == (400, 20)
+    DeepSpeedConfig(resolve_auto(cfg, 400))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    WarmupCosineLR(opt, **params)
+    with pytest.raises(ValueError, match="positive integer"):
+        WarmupCosineLR(opt, **cfg["scheduler"]["params"])

@@ -122,8 +122,10 @@ def test_world_size_must_divide_the_batch():
         global_batch_size({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 25}, 2)
     with pytest.raises(ValueError, match=r"train_batch_size=24 != micro batch 8"):
         global_batch_size({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 24}, 2)
+    # DeepSpeed derives the micro batch from train_batch_size alone; so do we.
+    assert global_batch_size({"train_batch_size": 16}, 2) == (8, 16)
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu must be set"):
-        global_batch_size({"train_batch_size": 16}, 2)
+        global_batch_size({"train_batch_size": 15}, 2)
 
 
 def _launch(config: Path, corpus: Path, out: Path, nproc: int = 1, extra=()):

@@ -292,7 +292,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # InfoBatch (Qin et al., ICLR 2024) at the random control's fixed budget: each pass keeps the
     # above-mean-loss examples, fills the rest uniformly from the others with their losses scaled
     # up, and the last pass is full (its annealing). Fixed pass sizes, unlike the original's
-    # variable pruning, so it is budget-matched to "random" plus one full pass.
+    # variable pruning: its budget-matched control is "random" with final_full_passes: 1.
     "infobatch": {
         "signal": "loss",
         "source": "free",

@@ -231,6 +231,8 @@ _SUM_CHUNK = 1 << 22
 def exact_sum(values: np.ndarray) -> int:
     """sum(values) * 2^1126 as an exact Python int (values finite float64)."""
     v = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("exact_sum needs finite values; drop NaN/inf candidates first")
     total = 0
     for start in range(0, len(v), _SUM_CHUNK):
         m, e = np.frexp(v[start:start + _SUM_CHUNK])
@@ -256,8 +258,8 @@ def exact_mean(values: np.ndarray) -> float:
 
 # ---- InfoBatch -----------------------------------------------------------------------------------
 
-def infobatch_inverse(scores: np.ndarray, ids: np.ndarray, k: int, rng: np.random.Generator,
-                      mean: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
+def infobatch_inverse(scores: np.ndarray, ids: np.ndarray, k: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """InfoBatch at a fixed budget: (chosen ids ascending, inverse inclusion probabilities).
 
     "Hard" = score > the (exact) mean score. Every hard id is kept when they fit in k (more than
@@ -270,7 +272,7 @@ def infobatch_inverse(scores: np.ndarray, ids: np.ndarray, k: int, rng: np.rando
     ids = np.asarray(ids, dtype=np.int64)
     if k == 0:
         return ids[:0], np.ones(0)
-    hard = scores > (exact_mean(scores) if mean is None else mean)
+    hard = scores > exact_mean(scores)
     noise = gumbel_noise(noise_key(rng), ids)
     n_hard = int(np.count_nonzero(hard))
     if n_hard >= k:

@@ -184,7 +184,8 @@ def _global_abs_max(comm: Any, scores: np.ndarray) -> np.ndarray:
 
 
 EXACT_LIMBS = 72
-"""32-bit limbs of an exact sum (in units of 2^-1126: under 2^2230 for any float64 data)."""
+"""32-bit limbs of an exact sum: in units of 2^-1126, |sum| < 2^(2098 + 53 + 64) for up to 2^64
+finite doubles, within the 2304 bits of 72 limbs."""
 
 
 def sharded_exact_mean(values: np.ndarray, comm: Any) -> float:
@@ -193,12 +194,14 @@ def sharded_exact_mean(values: np.ndarray, comm: Any) -> float:
     Each rank's exact integer sum travels as signed 32-bit limbs in int64, so one sum all-reduce
     adds them without rounding (and without overflow for fewer than 2^31 ranks).
     """
+    values = np.asarray(values, dtype=np.float64)
+    # Agreed first: a rank raising alone would leave the others waiting in the all-reduce.
+    if _total(comm, int(np.count_nonzero(~np.isfinite(values)))):
+        raise ValueError("sharded_exact_mean needs finite values; drop NaN/inf candidates first")
     local = exact_sum(values)
     sign, mag = (-1 if local < 0 else 1), abs(local)
     limbs = np.array([sign * ((mag >> (32 * i)) & 0xFFFFFFFF) for i in range(EXACT_LIMBS)] +
                      [len(values)], dtype=np.int64)
-    if mag >> (32 * EXACT_LIMBS):
-        raise ValueError("exact sum out of range: the values are not finite float64")
     summed = comm.all_reduce(limbs, "sum").tolist()
     total = sum(int(v) << (32 * i) for i, v in enumerate(summed[:-1]))
     n = int(summed[-1])

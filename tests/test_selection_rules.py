@@ -66,6 +66,9 @@ def test_exact_mean_over_chunks(monkeypatch):
     assert policy.exact_mean(values) == expected
     with pytest.raises(ValueError):
         policy.exact_mean(np.zeros(0))
+    for bad in (np.inf, -np.inf, np.nan):
+        with pytest.raises(ValueError, match="finite"):
+            policy.exact_sum(np.array([1.0, bad]))
 
 
 # ---- InfoBatch ----------------------------------------------------------------------------------

@@ -285,6 +285,18 @@ def test_sharded_exact_mean_is_bit_identical(world):
     assert all(g == exact_mean(x[:2]) for g in got)
     with pytest.raises(ValueError):
         run_threads(2, lambda c: sharded_exact_mean(np.zeros(0), c))
+    # an inf on one rank only: every rank raises (none waits in the all-reduce)
+    errors = run_threads(2, lambda c: _raises(lambda: sharded_exact_mean(
+        np.array([1.0, np.inf if c.rank else 2.0]), c)))
+    assert all(isinstance(e, ValueError) and "finite" in str(e) for e in errors), errors
+
+
+def _raises(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - returned to the test
+        return exc
+    return None
 
 
 def test_infobatch_mean_ties_are_split_the_same_on_any_partition():

@@ -66,11 +66,19 @@ class IntervalSchedule(_Strict):
     """Largest interval of the incremental schedule."""
 
 
+MIN_TEMPERATURE = 1e-3
+"""Smallest ``selection.temperature``: score / T stays finite in float64 for |score| < 1.8e305.
+(A runtime guard still raises a SelectionError naming the key if a larger score overflows.)"""
+
+
 class SelectionConfig(_Strict):
-    method: Literal["hard", "soft", "random"] = "hard"
+    method: Literal["hard", "soft", "random", "infobatch"] = "hard"
     """hard: top-k by score; soft: Gumbel-top-k on softmax(score / temperature), i.e. sampling
-    without replacement; random: uniform without replacement (the budget-matched control)."""
-    temperature: float = Field(1.0, gt=0.0)
+    without replacement; random: uniform without replacement (the budget-matched control);
+    infobatch: InfoBatch-style pruning at the same budget: every example scoring above the mean
+    of the candidates' scores is kept (a uniform draw of them if they exceed the budget), the
+    rest of the budget is a uniform draw from the below-mean ones."""
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE)
     """Softmax temperature of soft selection: large = close to random, small = close to hard."""
     transform: Literal["identity", "log"] = "identity"
     """Soft selection samples with probability proportional to exp(t(score) / temperature):
@@ -83,7 +91,18 @@ class SelectionConfig(_Strict):
     rescale: bool = False
     """Weight each kept example's loss by the inverse of its inclusion probability (normalised to
     mean 1), so the subset's gradient is an unbiased estimate of the full-data gradient. Needs
-    method soft or random: hard top-k includes its examples with probability 1."""
+    method soft, random or infobatch: hard top-k includes its examples with probability 1. For
+    infobatch a kept below-mean example weighs (number below mean) / (number below mean kept),
+    an above-mean one 1, before the normalisation. With ``per_source`` the inverse inclusion
+    probabilities of every source are normalised together (a stratified, unbiased estimate)."""
+    per_source: bool = False
+    """Mixture-aware selection; needs per-sample source ids (``Teacher(..., sources=...)``).
+    Scores are z-scored within each source (over that source's candidates; a source whose scores
+    are all equal gets 0), the budget is split over sources in proportion to their numbers of
+    candidates (largest remainder, ties to the lower source id), and each source's share is
+    selected by ``method`` on its own scores, so a source of high losses cannot crowd out the
+    others. Unscored examples take the best known score of their own source. Needs ``sharding``
+    'gather' (or 'auto' resolving to it)."""
     resample_each_pass: bool = False
     """Draw a fresh subset at every pass of a round (from the latest scores), as the paper's soft
     selection does; otherwise a round trains the same subset for all its passes."""
@@ -104,8 +123,8 @@ class SelectionConfig(_Strict):
     def _rescale_needs_probabilities(cls, rescale: bool, info: ValidationInfo) -> bool:
         if rescale and info.data.get("method") == "hard":
             raise ValueError(
-                "rescale=true needs method 'soft' or 'random': hard top-k keeps its examples with "
-                "probability 1, so there is nothing to rescale"
+                "rescale=true needs method 'soft', 'random' or 'infobatch': hard top-k keeps its "
+                "examples with probability 1, so there is nothing to rescale"
             )
         return rescale
 
@@ -113,6 +132,15 @@ class SelectionConfig(_Strict):
 class AttentionConfig(_Strict):
     layers: list[int] = Field(default_factory=lambda: [-1])
     """Decoder layers whose attention gives the per-token importance (negative = from the end)."""
+
+    @field_validator("layers")
+    @classmethod
+    def _some_layer(cls, layers: list[int]) -> list[int]:
+        if not layers:
+            raise ValueError("got []; allowed: a non-empty list of decoder layer indices (negative "
+                             "= from the end); fix: set it to [-1] (the last layer) or remove "
+                             "the key")
+        return layers
     query_chunk: int = Field(128, ge=1)
     """Queries processed at once when summing attention mass, bounding memory to
     batch x heads x query_chunk x sequence."""
@@ -150,12 +178,15 @@ class AttentConfig(_Strict):
 
     enabled: bool = True
     """false: the job is plain DeepSpeed over the same data."""
-    preset: Optional[Literal["attent-soft", "attent-simple", "attent-complex", "random"]] = None
+    preset: Optional[Literal["attent-soft", "attent-simple", "attent-complex", "random",
+                             "infobatch"]] = None
     """Named recipe applied before the other keys (which override it). attent-soft: our measured
-    best (a fresh soft top-70% each pass); attent-simple: the paper's LLM recipe; attent-complex:
-    the paper's cycles; random: the budget-matched control."""
-    seed: int = 0
-    """Seed of every teacher draw. Each draw uses a generator made from (seed, pass, purpose)."""
+    best on one Python corpus (a fresh soft top-70% each pass); attent-simple: the paper's LLM
+    recipe; attent-complex: the paper's cycles; random: the budget-matched control; infobatch:
+    InfoBatch at a fixed 70% budget, rescaled, with a full last pass."""
+    seed: int = Field(0, ge=0, lt=2 ** 63)
+    """Seed of every teacher draw. Each draw uses a generator made from (seed, pass, purpose);
+    numpy's seed sequences take non-negative integers, and checkpoints store it as int64."""
     signal: Literal["loss", "fgrad_norm", "attention_fgrad", "grad_norm"] = "loss"
     """loss: mean token cross-entropy; fgrad_norm: RMS over tokens of ||softmax - onehot||;
     attention_fgrad: the same, each token weighted by its attention importance; grad_norm: the
@@ -170,9 +201,19 @@ class AttentConfig(_Strict):
     """Full-data passes before the first selection."""
     full_passes_per_round: int = Field(0, ge=0)
     """Full-data passes after each round's subset passes (the paper's cycles)."""
+    final_full_passes: int = Field(0, ge=0)
+    """The last N passes of the run are full-data passes (InfoBatch's annealing: the model ends
+    on the unbiased full-data gradient). Counted in the plan, so the LR schedule knows them."""
     ratio: RatioSchedule = Field(default_factory=RatioSchedule)
     interval: IntervalSchedule = Field(default_factory=IntervalSchedule)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    score: Literal["raw", "drop", "reducible"] = "raw"
+    """What selection ranks (learnability). raw: the signal as recorded; drop: the example's
+    previous recorded signal minus its newest (how much it improved since it was last scored;
+    an example scored only once counts as unscored and competes with the best known score);
+    reducible: the signal minus a per-example reference score (RHO-LOSS: a small reference
+    model's loss), given as ``Teacher(..., reference=...)``; NaN there = unknown = unscored.
+    The raw signal stays the teacher's score table and what the pass summaries report."""
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     grad_norm: GradNormConfig = Field(default_factory=GradNormConfig)
     score_chunk_tokens: int = Field(2048, ge=1)
@@ -187,6 +228,24 @@ class AttentConfig(_Strict):
                 "so the first selection would see no scores; set warmup_passes: 1 or source: 'pool'"
             )
         return warmup
+
+    @field_validator("score")
+    @classmethod
+    def _drop_needs_two_scores_for_hard(cls, score: str, info: ValidationInfo) -> str:
+        # The first selection sees no example scored twice unless two free warm-up passes ran;
+        # every candidate then ties, and hard top-k would keep the lowest ids (a bias by id, for
+        # the whole run with interval 'once'). Soft, random and infobatch draw uniformly instead.
+        sel, source = info.data.get("selection"), info.data.get("source")
+        warmup = info.data.get("warmup_passes")
+        if (score == "drop" and sel is not None and sel.method == "hard"
+                and (source == "pool" or (warmup is not None and warmup < 2))):
+            raise ValueError(
+                f"got 'drop' with selection.method 'hard', source {source!r} and warmup_passes "
+                f"{warmup}: the first selection would see no example scored twice, so every "
+                "example ties and hard top-k keeps the lowest ids; allowed: 'drop' with source "
+                "'free' and warmup_passes >= 2, or a method that draws (soft, random, infobatch); "
+                "fix: set warmup_passes: 2, or selection.method 'soft'/'infobatch', or score 'raw'")
+        return score
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -230,6 +289,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "interval": {"schedule": "fixed", "every": 1},
         "selection": {"method": "random"},
     },
+    # InfoBatch (Qin et al., ICLR 2024) at the random control's fixed budget: each pass keeps the
+    # above-mean-loss examples, fills the rest uniformly from the others with their losses scaled
+    # up, and the last pass is full (its annealing). Fixed pass sizes, unlike the original's
+    # variable pruning: its budget-matched control is "random" with final_full_passes: 1.
+    "infobatch": {
+        "signal": "loss",
+        "source": "free",
+        "warmup_passes": 1,
+        "final_full_passes": 1,
+        "ratio": {"schedule": "constant", "value": 0.7},
+        "interval": {"schedule": "fixed", "every": 1},
+        "selection": {"method": "infobatch", "rescale": True},
+    },
 }
 
 
@@ -255,6 +327,12 @@ def _allowed(err: dict) -> str:
         if key in ctx:
             return f"allowed: a number {words} {ctx[key]}"
     return err["msg"]
+
+
+def config_error(problems: list[str]) -> ConfigError:
+    """One ConfigError listing ``problems`` (each 'attent.key: got ...; allowed ...; fix ...')."""
+    return ConfigError(f"invalid '{SECTION}' section ({len(problems)} problem"
+                       f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems))
 
 
 def _describe(err: dict) -> str:
@@ -295,8 +373,7 @@ def parse_attent(section: Optional[dict]) -> Optional[AttentConfig]:
         problems.extend(_describe(e) for e in exc.errors())
         cfg = None
     if problems:
-        raise ConfigError(f"invalid '{SECTION}' section ({len(problems)} problem"
-                          f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems))
+        raise config_error(problems)
     return cfg if cfg.enabled else None
 
 

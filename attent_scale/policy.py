@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -20,8 +21,22 @@ PURPOSE_POOL = 2
 PURPOSE_REMAINDER = 3
 
 
-def make_rng(seed: int, pass_index: int, purpose: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, pass_index, purpose])))
+class SelectionError(RuntimeError):
+    """A selection cannot be made as configured (for example the budget rounds to zero)."""
+
+
+def make_rng(seed: int, pass_index: int, purpose: int,
+             source: Optional[int] = None) -> np.random.Generator:
+    """The generator of one draw, from (seed, pass, purpose[, source]) and nothing else.
+
+    ``source`` (>= 0) separates the draws of per-source selection; without it the stream is the
+    one every earlier release drew, so old selections reproduce. It enters as ``source + 1``:
+    SeedSequence zero-pads short entropy, so a literal 0 would replay the sourceless stream.
+    """
+    if source is not None and source < 0:
+        raise ValueError(f"source must be >= 0, got {source}")
+    entropy = [seed, pass_index, purpose] + ([] if source is None else [source + 1])
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
 
 
 def round_budget(n: int, ratio: float, multiple: int) -> int:
@@ -124,6 +139,16 @@ def gumbel_inclusion(phi: np.ndarray, kappa: float) -> np.ndarray:
     return -np.expm1(-np.exp(np.minimum(phi - kappa, 50.0)))
 
 
+def temperature_error(temperature: float, scores: np.ndarray) -> SelectionError:
+    """The error for keys score / T that left float64 (the config bound makes this rare)."""
+    finite = np.asarray(scores)[np.isfinite(scores)]
+    big = float(np.abs(finite).max()) if len(finite) else float("nan")
+    return SelectionError(
+        f"attent.selection.temperature: got {temperature}; score / temperature is not finite in "
+        f"float64 (largest |score| {big:.3g}); allowed: a temperature with |score| / temperature "
+        "< 1.8e308; fix: raise attent.selection.temperature or bring the signal to a smaller scale")
+
+
 def select_gumbel_topk(scores: np.ndarray, ids: np.ndarray, k: int, temperature: float,
                        rng: np.random.Generator, rescale: bool = False) -> Selection:
     """Sample k ids without replacement with probability proportional to exp(score / T).
@@ -133,23 +158,38 @@ def select_gumbel_topk(scores: np.ndarray, ids: np.ndarray, k: int, temperature:
     inclusion probabilities, normalised to mean 1 over the selection in id order (a fixed order,
     so a sharded computation can reproduce the same float sum).
     """
+    chosen, inv = gumbel_topk_inverse(scores, ids, k, temperature, rng)
+    weights = inv / inv.mean() if rescale and 0 < k < len(ids) else np.ones(k)
+    return Selection(chosen, weights.astype(np.float64))
+
+
+def gumbel_topk_inverse(scores: np.ndarray, ids: np.ndarray, k: int, temperature: float,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Gumbel-top-k: (chosen ids ascending, their inverse conditional inclusion probabilities).
+
+    The inverses are not normalised (1 when every id is chosen): per-source selection combines
+    them over sources before normalising, which keeps the estimate unbiased across strata.
+    """
     _check(scores, ids, k)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     phi = gumbel_phi(scores, temperature)
     keys = phi + gumbel_noise(noise_key(rng), ids)
+    if not np.all(np.isfinite(keys)):
+        raise temperature_error(temperature, scores)
     order = _order_desc(keys, ids)
     chosen = order[:k]
     chosen = chosen[np.argsort(ids[chosen], kind="stable")]
-    weights = np.ones(k)
-    if rescale and 0 < k < len(ids):
-        weights = rescale_weights(phi[chosen], keys[order[k]])
-    return Selection(ids[chosen].astype(np.int64), weights.astype(np.float64))
+    inv = np.ones(k)
+    if 0 < k < len(ids):
+        inv = 1.0 / gumbel_inclusion(phi[chosen], keys[order[k]])
+    return ids[chosen].astype(np.int64), inv
 
 
 def gumbel_phi(scores: np.ndarray, temperature: float) -> np.ndarray:
     """Unperturbed log-weights score / T (float64), shared by the gathered and sharded paths."""
-    return np.asarray(scores).astype(np.float64) / temperature
+    with np.errstate(over="ignore"):  # an overflow is reported by the callers' key check
+        return np.asarray(scores).astype(np.float64) / temperature
 
 
 def rescale_weights(phi_selected: np.ndarray, kappa: float) -> np.ndarray:
@@ -167,3 +207,98 @@ def select_random(ids: np.ndarray, k: int, rng: np.random.Generator) -> Selectio
     """
     _check(np.zeros(len(ids)), ids, k)
     return select_topk(gumbel_noise(noise_key(rng), ids), ids, k)
+
+
+def random_inverse(ids: np.ndarray, k: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`select_random` with its inverse inclusion probabilities n / k (per-source use)."""
+    sel = select_random(ids, k, rng)
+    return sel.ids, np.full(k, len(ids) / k if k else 1.0)
+
+
+# ---- exact mean (InfoBatch's threshold) ---------------------------------------------------------
+# InfoBatch splits at the mean score. A float sum depends on the order of its terms, so the
+# sharded path (sums per rank, then over ranks) would not reproduce np.mean bit for bit and an
+# example close to the mean could land on different sides. Both paths therefore sum exactly, in
+# integers: every finite double is m * 2^(e - 53) with |m| < 2^53 and e in [-1073, 1024] (np.frexp),
+# i.e. an integer multiple of 2^-1126, and the mean is one correctly rounded division.
+EXACT_UNIT_BITS = 1126
+"""Exact sums are integers in units of 2^-1126 (the smallest frexp step of a double)."""
+_EXP_BINS = 1024 + 1073 + 1
+_SUM_CHUNK = 1 << 22
+
+
+def exact_sum(values: np.ndarray) -> int:
+    """sum(values) * 2^1126 as an exact Python int (values finite float64)."""
+    v = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("exact_sum needs finite values; drop NaN/inf candidates first")
+    total = 0
+    for start in range(0, len(v), _SUM_CHUNK):
+        m, e = np.frexp(v[start:start + _SUM_CHUNK])
+        mant = (m * 2.0 ** 53).astype(np.int64)  # exact: |m| < 1 has 53 significant bits
+        # Split the mantissa so each bin's float sum stays an exact integer (< 2^49 per chunk).
+        hi, lo = mant >> 26, mant & ((1 << 26) - 1)
+        shift = e.astype(np.int64) + 1073  # x = mant * 2^(shift - 1126)
+        s_hi = np.bincount(shift, weights=hi, minlength=_EXP_BINS)
+        s_lo = np.bincount(shift, weights=lo, minlength=_EXP_BINS)
+        for j in np.flatnonzero((s_hi != 0) | (s_lo != 0)).tolist():
+            total += ((int(s_hi[j]) << 26) + int(s_lo[j])) << j
+    return total
+
+
+def exact_mean(values: np.ndarray) -> float:
+    """The mean of ``values``, correctly rounded (independent of their order or partition)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("the mean of no values")
+    # int / int is correctly rounded in Python, so one rounding for the whole mean.
+    return exact_sum(values) / (n << EXACT_UNIT_BITS)
+
+
+# ---- InfoBatch -----------------------------------------------------------------------------------
+
+def infobatch_inverse(scores: np.ndarray, ids: np.ndarray, k: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """InfoBatch at a fixed budget: (chosen ids ascending, inverse inclusion probabilities).
+
+    "Hard" = score > the (exact) mean score. Every hard id is kept when they fit in k (more than
+    k: a uniform k of them); the rest of the budget is a uniform draw from the others. One
+    counter-noise key (:func:`gumbel_noise`, keyed by id) serves both draws, so a rank holding a
+    shard of the ids reproduces them (sharded_select.sharded_infobatch). Inverses: kept hard ids
+    n_hard / kept_hard (1 when all fit), kept easy ids n_easy / kept_easy.
+    """
+    _check(scores, ids, k)
+    ids = np.asarray(ids, dtype=np.int64)
+    if k == 0:
+        return ids[:0], np.ones(0)
+    hard = scores > exact_mean(scores)
+    noise = gumbel_noise(noise_key(rng), ids)
+    n_hard = int(np.count_nonzero(hard))
+    if n_hard >= k:
+        chosen = select_topk(noise[hard], ids[hard], k).ids
+        return chosen, np.full(k, n_hard / k)
+    fill = k - n_hard
+    easy = select_topk(noise[~hard], ids[~hard], fill).ids
+    chosen = np.concatenate([ids[hard], easy])
+    inv = np.concatenate([np.ones(n_hard), np.full(fill, (len(ids) - n_hard) / fill)])
+    order = np.argsort(chosen, kind="stable")
+    return chosen[order], inv[order]
+
+
+def select_infobatch(scores: np.ndarray, ids: np.ndarray, k: int, rng: np.random.Generator,
+                     rescale: bool = False) -> Selection:
+    """InfoBatch-style pruning at budget k (see :func:`infobatch_inverse`).
+
+    With ``rescale`` a kept below-mean id weighs (number below mean) / (number below mean kept)
+    and a hard one 1, normalised to mean 1 over the selection in id order: InfoBatch's loss
+    rescaling, so the pruned easy examples still count in expectation.
+    """
+    chosen, inv = infobatch_inverse(scores, ids, k, rng)
+    return Selection(chosen, normalised(inv) if rescale else np.ones(len(chosen)))
+
+
+def normalised(inverse: np.ndarray) -> np.ndarray:
+    """Weights of mean 1 over the selection (id order: a fixed float sum for every path)."""
+    inverse = np.asarray(inverse, dtype=np.float64)
+    return inverse / inverse.mean() if len(inverse) else inverse

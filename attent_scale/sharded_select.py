@@ -27,7 +27,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .policy import Selection, gumbel_noise, gumbel_phi, noise_key, rescale_weights
+from .policy import (EXACT_UNIT_BITS, Selection, exact_sum, gumbel_noise, gumbel_phi, noise_key,
+                     normalised, rescale_weights, temperature_error)
 
 DIGIT_BITS = 16
 """Bits resolved per radix round: 4 rounds of a 2^16-bin histogram for a 64-bit key."""
@@ -155,6 +156,9 @@ def sharded_gumbel_topk(scores: np.ndarray, ids: np.ndarray, k: int, temperature
     scores, ids = _valid(scores, ids)
     phi = gumbel_phi(scores, temperature)
     keys = phi + gumbel_noise(noise_key(rng), ids)
+    # Agreed before any selection collective: every rank raises, none is left waiting.
+    if _total(comm, int(np.count_nonzero(~np.isfinite(keys)))):
+        raise temperature_error(temperature, _global_abs_max(comm, scores))
     ukeys = order_key(keys)
     keep, threshold, _, total = _top(ukeys, ids, k, comm)
     if not (rescale and 0 < k < total):
@@ -173,17 +177,121 @@ def sharded_gumbel_topk(scores: np.ndarray, ids: np.ndarray, k: int, temperature
     return Selection(sel, rescale_weights(phi_sel, kappa))
 
 
+def _global_abs_max(comm: Any, scores: np.ndarray) -> np.ndarray:
+    finite = scores[np.isfinite(scores)]
+    local = float(np.abs(finite).max()) if len(finite) else 0.0
+    return comm.all_reduce(np.array([local]), "max")
+
+
+EXACT_LIMBS = 72
+"""32-bit limbs of an exact sum: in units of 2^-1126, |sum| < 2^(2098 + 53 + 64) for up to 2^64
+finite doubles, within the 2304 bits of 72 limbs."""
+
+
+def sharded_exact_mean(values: np.ndarray, comm: Any) -> float:
+    """Collective: :func:`policy.exact_mean` of the union of every rank's values, bit for bit.
+
+    Each rank's exact integer sum travels as signed 32-bit limbs in int64, so one sum all-reduce
+    adds them without rounding (and without overflow for fewer than 2^31 ranks).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    # Agreed first: a rank raising alone would leave the others waiting in the all-reduce.
+    if _total(comm, int(np.count_nonzero(~np.isfinite(values)))):
+        raise ValueError("sharded_exact_mean needs finite values; drop NaN/inf candidates first")
+    local = exact_sum(values)
+    sign, mag = (-1 if local < 0 else 1), abs(local)
+    limbs = np.array([sign * ((mag >> (32 * i)) & 0xFFFFFFFF) for i in range(EXACT_LIMBS)] +
+                     [len(values)], dtype=np.int64)
+    summed = comm.all_reduce(limbs, "sum").tolist()
+    total = sum(int(v) << (32 * i) for i, v in enumerate(summed[:-1]))
+    n = int(summed[-1])
+    if n == 0:
+        raise ValueError("the mean of no values")
+    return total / (n << EXACT_UNIT_BITS)
+
+
+def sharded_infobatch(scores: np.ndarray, ids: np.ndarray, k: int, rng: np.random.Generator,
+                      comm: Any, rescale: bool = False) -> Selection:
+    """Collective: :func:`policy.select_infobatch` over every rank's (scores, ids), bit for bit.
+
+    The exact mean makes "hard" the same set on any partition; the draws are the top-k of the
+    same per-id counter noise as the whole-array path, within the hard or the easy ids.
+    """
+    scores, ids = _valid(scores, ids)
+    total = _total(comm, len(ids))
+    if not 0 <= k <= total:
+        raise ValueError(f"budget k={k} must be in [0, {total}] (the selectable ids)")
+    if k == 0:
+        return Selection(np.zeros(0, np.int64), np.ones(0))
+    hard = scores > sharded_exact_mean(scores, comm)
+    noise = order_key(gumbel_noise(noise_key(rng), ids))
+    n_hard = _total(comm, int(np.count_nonzero(hard)))
+    keep = np.zeros(len(ids), dtype=bool)
+    inv = np.ones(len(ids))
+    if n_hard >= k:
+        keep[hard] = top_mask(noise[hard], ids[hard], k, comm)
+        inv[:] = n_hard / k
+    else:
+        fill = k - n_hard
+        keep[~hard] = top_mask(noise[~hard], ids[~hard], fill, comm)
+        keep[hard] = True
+        inv[~hard] = (total - n_hard) / fill
+    sel, inv_sel = _gathered(comm, ids[keep], inv[keep])
+    return Selection(sel, normalised(inv_sel) if rescale else np.ones(len(sel)))
+
+
+def latest_records(ids: np.ndarray, vals: np.ndarray,
+                   stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct id: (ids ascending, latest value, has an earlier record, that record's value).
+
+    Latest = largest stamp; within one stamp the later record (higher rank, then later in the
+    rank's list) wins. The runner-up is what ``score: drop`` calls the previous score when an id
+    was scored twice between two syncs.
+    """
+    order = np.lexsort((np.arange(len(ids)), stamps))[::-1]
+    ids_o, vals_o = ids[order], vals[order]
+    by_id = np.argsort(ids_o, kind="stable")  # keeps latest-first within each id
+    ids_s, vals_s = ids_o[by_id], vals_o[by_id]
+    start = np.flatnonzero(np.r_[True, ids_s[1:] != ids_s[:-1]]) if len(ids_s) else \
+        np.zeros(0, np.int64)
+    count = np.diff(np.r_[start, len(ids_s)])
+    second = count >= 2
+    runner_up = np.full(len(start), np.nan)
+    runner_up[second] = vals_s[start[second] + 1]
+    return ids_s[start], vals_s[start], second, runner_up
+
+
+def apply_records(scores: np.ndarray, scored: np.ndarray,
+                  prev: Optional[tuple[np.ndarray, np.ndarray]], local_ids: np.ndarray,
+                  vals: np.ndarray, stamps: np.ndarray, offset: int) -> None:
+    """Write records (ids ``offset``-based) into a score table in place; keep the previous
+    score in ``prev = (prev_scores, prev_scored)`` when given (``score: drop``)."""
+    ids, latest, second, runner_up = latest_records(local_ids, vals, stamps)
+    at = ids - offset
+    if prev is not None:
+        prev_scores, prev_scored = prev
+        # The previous score: the runner-up of this batch, else what the table held.
+        before = np.where(second, runner_up, scores[at])
+        prev_scores[at] = before
+        prev_scored[at] = second | scored[at]
+    scores[at] = latest
+    scored[at] = True
+
+
 class ShardedScoreTable:
     """This rank's shard of the score table, and the routing of new scores to their owners.
 
-    Memory per rank: 9 bytes per owned id (float64 score + scored flag), i.e. 9 N / world bytes.
+    Memory per rank: 9 bytes per owned id (float64 score + scored flag), i.e. 9 N / world bytes;
+    18 with ``keep_prev`` (``score: drop`` keeps each id's previous score too).
     """
 
-    def __init__(self, n: int, comm: Any):
+    def __init__(self, n: int, comm: Any, keep_prev: bool = False):
         self.n, self.comm = n, comm
         self.lo, self.hi = shard_range(n, comm.rank, comm.world)
         self.scores = np.full(self.hi - self.lo, np.nan, dtype=np.float64)
         self.scored = np.zeros(self.hi - self.lo, dtype=bool)
+        self.prev_scores = np.full(self.hi - self.lo, np.nan) if keep_prev else None
+        self.prev_scored = np.zeros(self.hi - self.lo, dtype=bool) if keep_prev else None
 
     @property
     def ids(self) -> np.ndarray:
@@ -203,15 +311,22 @@ class ShardedScoreTable:
         dest = owner_of(ids, self.n, self.comm.world)
         ids, vals, stamps = self.comm.exchange(dest, ids, np.asarray(vals, np.float64),
                                                np.asarray(stamps, np.int64))
-        order = np.lexsort((np.arange(len(ids)), stamps))[::-1]
-        latest, first = np.unique(ids[order], return_index=True)
-        self.scores[latest - self.lo] = vals[order][first]
-        self.scored[latest - self.lo] = True
+        prev = None if self.prev_scores is None else (self.prev_scores, self.prev_scored)
+        apply_records(self.scores, self.scored, prev, ids, vals, stamps, self.lo)
 
-    def load_full(self, scores: np.ndarray, scored: np.ndarray) -> None:
+    def load_full(self, scores: np.ndarray, scored: np.ndarray,
+                  prev_scores: Optional[np.ndarray] = None,
+                  prev_scored: Optional[np.ndarray] = None) -> None:
         """Take this rank's slice of whole-table arrays (e.g. a checkpoint from another world)."""
         self.scores = np.array(scores[self.lo:self.hi], dtype=np.float64)
         self.scored = np.array(scored[self.lo:self.hi], dtype=bool)
+        if self.prev_scores is not None:
+            if prev_scores is None:  # saved without them: no id has a previous score yet
+                self.prev_scores = np.full(self.hi - self.lo, np.nan)
+                self.prev_scored = np.zeros(self.hi - self.lo, dtype=bool)
+            else:
+                self.prev_scores = np.array(prev_scores[self.lo:self.hi], dtype=np.float64)
+                self.prev_scored = np.array(prev_scored[self.lo:self.hi], dtype=bool)
 
 
 def global_max(comm: Any, values: np.ndarray) -> Optional[float]:
@@ -257,7 +372,9 @@ def quantiles(values: np.ndarray, qs: list[float], comm: Any) -> list[float]:
 
 
 __all__ = ["shard_range", "owner_of", "order_key", "kth_largest", "top_mask", "sharded_topk",
-           "sharded_gumbel_topk", "ShardedScoreTable", "global_max", "quantiles"]
+           "sharded_gumbel_topk", "sharded_infobatch", "sharded_exact_mean", "sharded_random",
+           "ShardedScoreTable", "latest_records", "apply_records", "global_max", "quantiles",
+           "ShardFiles"]
 
 
 def sharded_random(ids: np.ndarray, k: int, rng: np.random.Generator, comm: Any) -> Selection:

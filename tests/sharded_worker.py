@@ -38,7 +38,25 @@ def cases() -> list[tuple[str, int, str, dict]]:
         out.append((f"soft-log-{seed}", seed, "soft",
                     {"k": 70, "t": 0.7, "rescale": True, "log": True}))
         out.append((f"random-{seed}", seed, "random", {"k": 80}))
+        # InfoBatch: budgets below, at and above the number of above-mean ids
+        hard = int(np.count_nonzero(case_scores(seed) > np.nanmean(case_scores(seed))))
+        for k in (1, hard - 1, hard, hard + 1, 120, valid):
+            out.append((f"infobatch-{seed}-{k}", seed, "infobatch", {"k": k, "rescale": True}))
+        out.append((f"infobatch-norescale-{seed}", seed, "infobatch", {"k": 90, "rescale": False}))
     return out
+
+
+TEACHER_METHODS = ("hard", "infobatch", "soft")
+"""Teachers the gloo ranks run sharded (soft last: the resume case reuses its config)."""
+
+
+def teacher_section(method: str, sharding: str) -> dict:
+    """The teacher of the multi-rank cases; infobatch also ranks by ``score: drop``."""
+    return {"seed": 4, "warmup_passes": 1, "ratio": {"value": 0.5},
+            "score": "drop" if method == "infobatch" else "raw",
+            "selection": {"method": method, "sharding": sharding, "skip_top": 0.05,
+                          "rescale": method != "hard",
+                          "transform": "log" if method == "soft" else "identity"}}
 
 
 def teacher_records(n: int, world: int, rank: int):
@@ -59,7 +77,8 @@ def main() -> None:
     from attent_scale.comm import DistComm
     from attent_scale.config import parse_attent
     from attent_scale.policy import PURPOSE_SELECT, make_rng
-    from attent_scale.sharded_select import (quantiles, shard_range, sharded_gumbel_topk,
+    from attent_scale.sharded_select import (quantiles, shard_range, sharded_exact_mean,
+                                             sharded_gumbel_topk, sharded_infobatch,
                                              sharded_random, sharded_topk)
     from attent_scale.teacher import Teacher
 
@@ -77,9 +96,13 @@ def main() -> None:
             if o.get("log"):
                 scores = np.log(np.maximum(np.abs(scores), 1e-12))
             sel = sharded_gumbel_topk(scores, ids, o["k"], o["t"], rng, comm, o["rescale"])
+        elif method == "infobatch":
+            sel = sharded_infobatch(scores, ids, o["k"], rng, comm, o["rescale"])
         else:
             sel = sharded_random(ids[~np.isnan(scores)], o["k"], rng, comm)
         res[f"{name}/ids"], res[f"{name}/weights"] = sel.ids, sel.weights
+    x = case_scores(1)
+    res["exact_mean"] = np.array([sharded_exact_mean(x[lo:hi][~np.isnan(x[lo:hi])], comm)])
     res["quantiles"] = np.array(quantiles(
         case_scores(1)[lo:hi][~np.isnan(case_scores(1)[lo:hi])], [0.1, 0.5, 0.9], comm))
 
@@ -91,11 +114,8 @@ def main() -> None:
                                                    np.full(10, float(rank)))
 
     # The teacher, sharded, through sync -> select -> save (and resume from a whole-table file).
-    for method in ("hard", "soft"):
-        cfg = parse_attent({"seed": 4, "selection": {
-            "method": method, "sharding": "sharded", "skip_top": 0.05,
-            "rescale": method == "soft", "transform": "log" if method == "soft" else "identity"},
-            "warmup_passes": 1, "ratio": {"value": 0.5}})
+    for method in TEACHER_METHODS:
+        cfg = parse_attent(teacher_section(method, "sharded"))
         t = Teacher(cfg, N, 3, 4, comm)
         assert t.sharded
         for stamp, ids, vals in teacher_records(N, world, rank):

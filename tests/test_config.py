@@ -164,7 +164,7 @@ def test_single_problem_is_singular():
     assert str(ei.value).splitlines()[0] == "invalid 'attent' section (1 problem):"
     (line,) = _problem_lines(ei.value)
     assert line.startswith("attent.selection.temperature:")
-    assert "got 0.0" in line and "> 0" in line
+    assert "got 0.0" in line and ">= 0.001" in line
 
 
 def test_rescale_with_hard_selection_rejected():
@@ -324,3 +324,80 @@ def test_attent_soft_preset_is_a_fresh_soft_draw_every_pass():
     assert (cfg.interval.schedule, cfg.interval.every) == ("fixed", 1)
     assert (cfg.selection.method, cfg.selection.temperature) == ("soft", 0.5)
     assert cfg.seed == 3
+
+
+# ---- new keys: infobatch, per_source, score, final_full_passes, reliability bounds -----------------
+
+def test_infobatch_preset_expands_as_documented():
+    cfg = parse_attent({"preset": "infobatch"})
+    assert (cfg.signal, cfg.source, cfg.warmup_passes, cfg.final_full_passes) == \
+        ("loss", "free", 1, 1)
+    assert (cfg.ratio.schedule, cfg.ratio.value) == ("constant", 0.7)
+    assert (cfg.interval.schedule, cfg.interval.every) == ("fixed", 1)
+    assert (cfg.selection.method, cfg.selection.rescale) == ("infobatch", True)
+    assert (cfg.score, cfg.selection.per_source) == ("raw", False)
+
+
+def test_new_keys_defaults():
+    cfg = parse_attent({})
+    assert (cfg.score, cfg.final_full_passes, cfg.selection.per_source) == ("raw", 0, False)
+
+
+def test_rescale_is_allowed_for_infobatch_and_refused_for_hard_with_the_new_wording():
+    assert parse_attent({"selection": {"method": "infobatch", "rescale": True}}).selection.rescale
+    with pytest.raises(ConfigError) as ei:
+        parse_attent({"selection": {"method": "hard", "rescale": True}})
+    (line,) = _problem_lines(ei.value)
+    assert line.startswith("attent.selection.rescale: rescale=true needs method 'soft', "
+                           "'random' or 'infobatch'")
+
+
+@pytest.mark.parametrize("section, key, words", [
+    ({"seed": -1}, "attent.seed", "got -1; allowed: a number >= 0"),
+    ({"seed": 2 ** 63}, "attent.seed", "got 9223372036854775808; allowed: a number < "),
+    ({"selection": {"temperature": 0.0009}}, "attent.selection.temperature",
+     "got 0.0009; allowed: a number >= 0.001"),
+    ({"attention": {"layers": []}}, "attent.attention.layers",
+     "got []; allowed: a non-empty list of decoder layer indices"),
+    ({"final_full_passes": -1}, "attent.final_full_passes", "got -1; allowed: a number >= 0"),
+    ({"score": "loss-drop"}, "attent.score", "got 'loss-drop'; allowed: 'raw', 'drop' or "
+                                             "'reducible'"),
+    ({"selection": {"per_source": 1}}, "attent.selection.per_source", "got 1"),
+    ({"selection": {"method": "info"}}, "attent.selection.method", "'infobatch'"),
+])
+def test_new_validation_errors_name_their_key(section, key, words):
+    with pytest.raises(ConfigError) as ei:
+        parse_attent(section)
+    (line,) = _problem_lines(ei.value)
+    assert line.startswith(key + ": "), line
+    assert words in line, line
+    assert "fix:" in line, line
+
+
+def test_bounds_are_inclusive_where_documented():
+    assert parse_attent({"seed": 2 ** 63 - 1}).seed == 2 ** 63 - 1
+    assert parse_attent({"selection": {"temperature": 0.001}}).selection.temperature == 0.001
+    assert parse_attent({"attention": {"layers": [0, -1]}}).attention.layers == [0, -1]
+
+
+def test_drop_score_with_hard_top_k_needs_two_warmup_passes():
+    with pytest.raises(ConfigError) as ei:
+        parse_attent({"score": "drop"})  # hard, free, one warm-up pass
+    (line,) = _problem_lines(ei.value)
+    assert line.startswith("attent.score: got 'drop' with selection.method 'hard', source "
+                           "'free' and warmup_passes 1:")
+    assert "fix: set warmup_passes: 2" in line
+    with pytest.raises(ConfigError, match=r"attent\.score: got 'drop'.*source 'pool'"):
+        parse_attent({"score": "drop", "source": "pool", "warmup_passes": 3})
+    assert parse_attent({"score": "drop", "warmup_passes": 2}).score == "drop"
+    for method in ("soft", "infobatch", "random"):
+        assert parse_attent({"score": "drop", "selection": {"method": method}}).score == "drop"
+
+
+def test_all_problems_still_reported_together_with_the_new_keys():
+    with pytest.raises(ConfigError) as ei:
+        parse_attent({"seed": -3, "score": "x", "attention": {"layers": []},
+                      "selection": {"temperature": 1e-6}, "final_full_passes": -1})
+    keys = sorted(line.split(":")[0] for line in _problem_lines(ei.value))
+    assert keys == ["attent.attention.layers", "attent.final_full_passes", "attent.score",
+                    "attent.seed", "attent.selection.temperature"]

@@ -232,3 +232,93 @@ def test_plan_rejects_zero_passes():
 def test_full_plan():
     assert _rows(full_plan(3)) == [(0, "full", 1.0, False, -1), (1, "full", 1.0, False, -1),
                                    (2, "full", 1.0, False, -1)]
+
+
+# ---- final full passes and check_plan ------------------------------------------------------------
+
+def test_plan_infobatch_preset_ends_with_a_full_pass():
+    cfg = parse_attent({"preset": "infobatch"})
+    _assert_plan(build_plan(cfg, 5), [
+        (0, "full", 1.0, False, -1),
+        (1, "subset", 0.7, True, 0),
+        (2, "subset", 0.7, True, 1),
+        (3, "subset", 0.7, True, 2),
+        (4, "full", 1.0, False, -1),
+    ])
+
+
+def test_plan_final_full_passes_shorten_the_schedules_progress():
+    # selection passes 1..4 (the last two of 7 are full): progress (p - 1) / 3
+    cfg = parse_attent({"ratio": {"schedule": "incremental", "start": 0.2, "end": 0.8},
+                        "interval": {"schedule": "fixed", "every": 1}, "final_full_passes": 2})
+    _assert_plan(build_plan(cfg, 7), [
+        (0, "full", 1.0, False, -1),
+        (1, "subset", 0.2, True, 0),
+        (2, "subset", 0.4, True, 1),
+        (3, "subset", 0.6, True, 2),
+        (4, "subset", 0.8, True, 3),
+        (5, "full", 1.0, False, -1),
+        (6, "full", 1.0, False, -1),
+    ])
+
+
+def test_plan_final_full_passes_cut_rounds_and_between_round_passes():
+    # attent-complex in 8 passes with one final full pass: rounds stop at pass 6
+    cfg = parse_attent({"preset": "attent-complex", "final_full_passes": 1})
+    plan = build_plan(cfg, 8)
+    assert [(q.kind, q.round) for q in plan] == [
+        ("full", -1), ("subset", 0), ("full", -1), ("subset", 1), ("subset", 1), ("full", -1),
+        ("subset", 2), ("full", -1)]
+    # ratio progress runs over passes 1..6: round 2 starts at 5/5 -> the schedule's end
+    assert plan[6].ratio == approx(0.8) and plan[3].ratio == approx(0.2 + 0.6 * 2 / 5)
+    # interval 'once' stops before the final passes too
+    once = parse_attent({"preset": "attent-simple", "final_full_passes": 1})
+    assert [(q.kind, q.select) for q in build_plan(once, 4)] == [
+        ("full", False), ("subset", True), ("subset", False), ("full", False)]
+
+
+def test_plan_without_room_for_selection_is_all_full():
+    cfg = parse_attent({"preset": "infobatch", "final_full_passes": 3})
+    assert [q.kind for q in build_plan(cfg, 3)] == ["full"] * 3
+    assert [q.kind for q in build_plan(cfg, 4)] == ["full"] * 4
+    assert [q.kind for q in build_plan(cfg, 5)] == ["full", "subset", "full", "full", "full"]
+
+
+def test_check_plan_problems_have_key_value_and_fix():
+    from attent_scale.schedules import check_plan
+    assert check_plan(parse_attent({"preset": "infobatch"}), 3) == []
+    assert check_plan(None, 3) == []
+    assert check_plan(parse_attent({"warmup_passes": 5}), 3) == [
+        "attent.warmup_passes: got 5 with 3 passes; the teacher would never select; allowed: "
+        "warmup_passes + final_full_passes < 3 (the passes); fix: lower attent.warmup_passes or "
+        "train more than 5 passes"]
+    (line,) = check_plan(parse_attent({"preset": "infobatch"}), 2)
+    assert line.startswith("attent.final_full_passes: got 1 with attent.warmup_passes 1 and 2 "
+                           "passes; the teacher would never select (every pass is full);")
+    assert "fix: lower attent.final_full_passes" in line
+    for cfg in (None, parse_attent({})):
+        (line,) = check_plan(cfg, 0)
+        assert line.startswith("passes: got 0; allowed: an integer >= 1; fix:")
+    # with the data size: a subset pass below one global batch (0.7 x 20 = 14 < 16)
+    (line,) = check_plan(parse_attent({"preset": "infobatch"}), 3, num_samples=20,
+                         global_batch=16)
+    assert line.startswith("attent.ratio: pass 1 trains ratio 0.7000 x 20 samples, less than "
+                           "one global batch of 16; allowed: a ratio >= 0.8000")
+    assert check_plan(parse_attent({"preset": "infobatch"}), 3, num_samples=23,
+                      global_batch=16) == []  # 0.7 x 23 = 16.1
+    # an incremental ratio fails at its first, smallest pass
+    inc = parse_attent({"ratio": {"schedule": "incremental", "start": 0.1, "end": 0.9},
+                        "interval": {"schedule": "fixed", "every": 1}})
+    (line,) = check_plan(inc, 4, num_samples=100, global_batch=16)
+    assert line.startswith("attent.ratio: pass 1 trains ratio 0.1000")
+
+
+def test_require_plan_raises_one_config_error():
+    from attent_scale.config import ConfigError
+    from attent_scale.schedules import require_plan
+    require_plan(parse_attent({}), 2)
+    with pytest.raises(ConfigError) as ei:
+        require_plan(parse_attent({"warmup_passes": 5}), 3)
+    lines = str(ei.value).splitlines()
+    assert lines[0] == "invalid 'attent' section (1 problem):"
+    assert lines[1].strip().startswith("attent.warmup_passes: got 5 with 3 passes;")

@@ -18,12 +18,15 @@ import pytest
 
 from attent_scale.comm import LocalComm
 from attent_scale.config import ConfigError, parse_attent
-from attent_scale.policy import (PURPOSE_SELECT, make_rng, select_gumbel_topk, select_random,
-                                 select_topk, selection_checksum)
+from attent_scale.policy import (PURPOSE_SELECT, SelectionError, exact_mean, make_rng,
+                                 select_gumbel_topk, select_infobatch, select_random, select_topk,
+                                 selection_checksum)
 from attent_scale.sharded_select import (ShardedScoreTable, kth_largest, order_key, quantiles,
-                                         shard_range, sharded_gumbel_topk, sharded_topk)
+                                         shard_range, sharded_exact_mean, sharded_gumbel_topk,
+                                         sharded_infobatch, sharded_topk)
 from attent_scale.teacher import Teacher, use_sharding
-from sharded_worker import N, case_scores, cases, teacher_records
+from sharded_worker import (N, TEACHER_METHODS, case_scores, cases, teacher_records,
+                            teacher_section)
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 
@@ -49,6 +52,17 @@ class ThreadComm:
     def gather(self, *arrays):
         parts = self._meet(arrays)
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(arrays)))
+
+    def exchange(self, dest, *arrays):
+        """All-to-all as comm.DistComm: what each rank sent here, in source-rank order."""
+        parts = self._meet((np.asarray(dest), [np.asarray(a) for a in arrays]))
+        return tuple(np.concatenate([a[i][d == self.rank] for d, a in parts])
+                     for i in range(len(arrays)))
+
+    def agree(self, value, what):
+        seen = self._meet(int(value))
+        if len(set(seen)) != 1:
+            raise RuntimeError(f"ranks disagree on {what}: {seen}")
 
 
 def run_threads(world: int, fn):
@@ -113,6 +127,9 @@ def test_simulated_shards_equal_whole_array(world):
             rng = make_rng(seed, 3, PURPOSE_SELECT)
             if method == "hard":
                 return sharded_topk(full[lo:hi], np.arange(lo, hi), o["k"], c)
+            if method == "infobatch":
+                return sharded_infobatch(full[lo:hi], np.arange(lo, hi), o["k"], rng, c,
+                                         o["rescale"])
             s = np.log(np.maximum(np.abs(full[lo:hi]), 1e-12)) if o.get("log") else full[lo:hi]
             return sharded_gumbel_topk(s, np.arange(lo, hi), o["k"], o["t"], rng, c,
                                        o["rescale"])
@@ -163,15 +180,14 @@ def _reference(full, ok, method, o, seed):
         return select_topk(full[ok], ids, o["k"])
     if method == "random":
         return select_random(ids, o["k"], rng)
+    if method == "infobatch":
+        return select_infobatch(full[ok], ids, o["k"], rng, rescale=o["rescale"])
     s = np.log(np.maximum(np.abs(full[ok]), 1e-12)) if o.get("log") else full[ok]
     return select_gumbel_topk(s, ids, o["k"], o["t"], rng, rescale=o["rescale"])
 
 
 def _teacher_cfg(method):
-    return parse_attent({"seed": 4, "selection": {
-        "method": method, "sharding": "gather", "skip_top": 0.05, "rescale": method == "soft",
-        "transform": "log" if method == "soft" else "identity"},
-        "warmup_passes": 1, "ratio": {"value": 0.5}})
+    return parse_attent(teacher_section(method, "gather"))
 
 
 def _gather_teacher(method, world):
@@ -214,6 +230,8 @@ def test_gloo_ranks_equal_gather_path(world, tmp_path):
             assert selection_checksum(res[r][f"{name}/ids"], res[r][f"{name}/weights"]) == \
                 exp.checksum
     x = case_scores(1)
+    for r in range(world):
+        assert res[r]["exact_mean"][0] == exact_mean(x[~np.isnan(x)])
     assert np.allclose(res[0]["quantiles"], np.quantile(x[~np.isnan(x)], [0.1, 0.5, 0.9]),
                        rtol=0, atol=1e-12)
 
@@ -227,7 +245,7 @@ def test_gloo_ranks_equal_gather_path(world, tmp_path):
         assert res[r]["got_src"].tolist() == [float(s) for s in range(world) for _ in mine]
 
     # the teacher: same ids, weights and summary as the gather path fed the same records
-    for method in ("hard", "soft"):
+    for method in TEACHER_METHODS:
         ref = _gather_teacher(method, world)
         sel, summary = ref.begin_pass(1)
         for r in range(world):
@@ -243,7 +261,135 @@ def test_gloo_ranks_equal_gather_path(world, tmp_path):
         assert np.array_equal(one.scored, ref.scored)
         assert np.array_equal(one.scores[ref.scored], ref.scores[ref.scored], equal_nan=True)
         assert np.array_equal(one.selection.ids, sel.ids)
+        if method == "infobatch":  # score 'drop': the previous scores travel through shards too
+            assert np.array_equal(one.prev_scored, ref.prev_scored) and ref.prev_scored.any()
+            assert np.array_equal(one.prev_scores, ref.prev_scores, equal_nan=True)
     # ... and a whole-table checkpoint re-shards over `world` ranks
     for r in range(world):
         assert np.array_equal(res[r]["resumed/ids"], base.begin_pass(2)[0].ids)
     assert len(sel.ids) > 0 and not np.all(sel.weights == 1.0)  # the cases are not trivial
+
+
+# ---- exact mean, InfoBatch and the sharded teacher on simulated ranks ------------------------------
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_sharded_exact_mean_is_bit_identical(world):
+    rng = np.random.default_rng(world)
+    x = rng.normal(size=1001) * 10.0 ** rng.integers(-200, 200, 1001)
+    x[:3] = [1e308, 1e308, -1e308]  # the float sum would overflow
+    got = run_threads(world, lambda c: sharded_exact_mean(
+        x[slice(*shard_range(len(x), c.rank, c.world))], c))
+    assert all(g == exact_mean(x) for g in got)
+    # an empty shard is fine; no values at all is an error
+    got = run_threads(3, lambda c: sharded_exact_mean(x[:2] if c.rank == 1 else x[:0], c))
+    assert all(g == exact_mean(x[:2]) for g in got)
+    with pytest.raises(ValueError):
+        run_threads(2, lambda c: sharded_exact_mean(np.zeros(0), c))
+    # an inf on one rank only: every rank raises (none waits in the all-reduce)
+    errors = run_threads(2, lambda c: _raises(lambda: sharded_exact_mean(
+        np.array([1.0, np.inf if c.rank else 2.0]), c)))
+    assert all(isinstance(e, ValueError) and "finite" in str(e) for e in errors), errors
+
+
+def _raises(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - returned to the test
+        return exc
+    return None
+
+
+def test_infobatch_mean_ties_are_split_the_same_on_any_partition():
+    # values whose float sum depends on the order: a naive per-shard mean could move ids across
+    # the threshold, the exact one cannot
+    x = np.array([1e16, 1.0, -1e16, 1.0, 0.5, 0.5, 0.25, 0.75] * 5)
+    ids = np.arange(len(x))
+    ref = select_infobatch(x, ids, 13, make_rng(1, 1, PURPOSE_SELECT), rescale=True)
+    for world in (2, 3, 4):
+        got = run_threads(world, lambda c: sharded_infobatch(
+            x[slice(*shard_range(len(x), c.rank, c.world))],
+            ids[slice(*shard_range(len(x), c.rank, c.world))], 13,
+            make_rng(1, 1, PURPOSE_SELECT), c, rescale=True))
+        for sel in got:
+            assert np.array_equal(sel.ids, ref.ids) and np.array_equal(sel.weights, ref.weights)
+
+
+def _records(n, world, rank):
+    """Scores over two syncs: repeats within a sync (runner-up = previous) and across syncs."""
+    rng = np.random.default_rng(11)
+    out = []
+    for stamp in range(4):
+        ids = rng.choice(n, n // 2 + 7, replace=True)
+        vals = np.round(rng.normal(size=len(ids)), 1) + 2.0
+        vals[rng.choice(len(ids), 2, replace=False)] = np.nan
+        out.append((stamp, ids[rank::world], vals[rank::world]))
+    return out
+
+
+@pytest.mark.parametrize("method, score", [("hard", "raw"), ("soft", "drop"),
+                                           ("infobatch", "drop"), ("infobatch", "reducible"),
+                                           ("random", "reducible")])
+def test_threaded_sharded_teacher_equals_the_gathered_teacher(method, score):
+    n, g, world = 97, 4, 3
+    reference = np.linspace(0.0, 1.0, n)
+    reference[::10] = np.nan
+    section = {"seed": 9, "warmup_passes": 1, "score": score, "ratio": {"value": 0.5},
+               "interval": {"schedule": "fixed", "every": 1},
+               "selection": {"method": method, "rescale": method != "hard", "skip_top": 0.05}}
+
+    def run(sharding, comm, rank, w):
+        t = Teacher(parse_attent({**section, "selection": {**section["selection"],
+                                                           "sharding": sharding}}),
+                    n, 4, g, comm, reference=reference)
+        out = []
+        t.begin_pass(0)
+        for stamp, ids, vals in _records(n, w, rank)[:2]:
+            t.record(ids, vals, stamp)
+        out.append(t.begin_pass(1))
+        for stamp, ids, vals in _records(n, w, rank)[2:]:
+            t.record(ids, vals, stamp)
+        out.append(t.begin_pass(2))
+        return out
+
+    gathered = Teacher(parse_attent({**section, "selection": {**section["selection"],
+                                                              "sharding": "gather"}}),
+                       n, 4, g, LocalComm(), reference=reference)
+    expected = []
+    gathered.begin_pass(0)
+    recs = [_records(n, world, r) for r in range(world)]
+    for phase in (slice(0, 2), slice(2, 4)):
+        for r in range(world):
+            for stamp, ids, vals in recs[r][phase]:
+                gathered.record(ids, vals, stamp)
+        expected.append(gathered.begin_pass(1 if phase.start == 0 else 2))
+    got = run_threads(world, lambda c: run("sharded", c, c.rank, c.world))
+    for rank_out in got:
+        for (sel, summary), (ref_sel, ref_summary) in zip(rank_out, expected):
+            assert np.array_equal(sel.ids, ref_sel.ids)
+            assert np.array_equal(sel.weights, ref_sel.weights)
+            assert (summary.invalid, summary.unscored) == (ref_summary.invalid,
+                                                           ref_summary.unscored)
+            assert summary.selected_mean_score == pytest.approx(ref_summary.selected_mean_score,
+                                                                rel=1e-12)
+    assert len(expected[1][0].ids) > 0 and expected[0][0].checksum != expected[1][0].checksum
+
+
+def test_sharded_temperature_guard_raises_on_every_rank():
+    section = {"preset": "attent-soft", "selection": {"temperature": 0.001,
+                                                      "sharding": "sharded"}}
+
+    def rank(c):
+        t = Teacher(parse_attent(section), 64, 3, 16, c)
+        t.begin_pass(0)
+        mine = np.arange(32 * c.rank, 32 * (c.rank + 1))  # the ids this rank owns
+        # only rank 1's shard holds the huge scores; rank 0 must still raise, not wait
+        t.record(mine, np.full(32, 1e306 if c.rank else 1.0), stamp=0)
+        try:
+            t.begin_pass(1)
+        except SelectionError as exc:
+            return str(exc)
+        return None
+
+    msgs = run_threads(2, rank)
+    assert all(m is not None and m.startswith("attent.selection.temperature: got 0.001;")
+               for m in msgs), msgs

@@ -18,9 +18,9 @@ from attent_scale.teacher import SelectionError, Teacher
 N, G = 1000, 16
 
 
-def _teacher(section, n=N, passes=4, g=G, comm=None, data_seed=0):
+def _teacher(section, n=N, passes=4, g=G, comm=None, data_seed=0, **kw):
     cfg = parse_attent(section) if section is not None else None
-    return Teacher(cfg, n, passes, g, comm or LocalComm(), data_seed=data_seed)
+    return Teacher(cfg, n, passes, g, comm or LocalComm(), data_seed=data_seed, **kw)
 
 
 def _top(scores: dict[int, float], k: int) -> list[int]:
@@ -565,3 +565,188 @@ def test_resume_on_a_larger_global_batch_cuts_the_kept_selection(tmp_path):
     # Fewer ids than one global batch: a clear error.
     with pytest.raises(SelectionError, match="fewer than one global batch of 48"):
         _teacher(SOFT, n=64, g=48).load_state_dict(*Teacher.read(tmp_path))
+
+
+# ---- InfoBatch, final full passes ----------------------------------------------------------------
+
+def _noise_of(seed, p, ids, source=None):
+    from attent_scale.policy import PURPOSE_SELECT, gumbel_noise, make_rng, noise_key
+    key = noise_key(make_rng(seed, p, PURPOSE_SELECT, source))
+    return dict(zip(ids, gumbel_noise(key, np.array(ids)).tolist()))
+
+
+def test_infobatch_preset_plan_and_selection():
+    t = _teacher({"preset": "infobatch", "seed": 4}, n=64, passes=4)
+    assert [(q.kind, q.select) for q in t.plan] == [("full", False), ("subset", True),
+                                                    ("subset", True), ("full", False)]
+    # 0.7 x 64 = 44.8 -> 32 (two global batches of 16); full passes 64
+    assert [t.pass_size(p) for p in range(4)] == [64, 32, 32, 64]
+    assert t.planned_steps() == (64 + 32 + 32 + 64) // 16 == 12
+    t.begin_pass(0)
+    scores = np.where(np.arange(64) < 20, 10.0, 0.0)  # mean 3.125: ids 0..19 are hard
+    _record_in_batches(t, np.arange(64), scores)
+    sel, summary = t.begin_pass(1)
+    noise = _noise_of(4, 1, list(range(64)))
+    easy = _top({i: noise[i] for i in range(20, 64)}, 12)
+    assert sel.ids.tolist() == list(range(20)) + easy
+    # raw weights: hard 1, easy 44 / 12; mean (20 + 44) / 32 = 2 -> 0.5 and 11/6
+    w = dict(zip(sel.ids.tolist(), sel.weights.tolist()))
+    assert all(w[i] == pytest.approx(0.5, rel=1e-15) for i in range(20))
+    assert all(w[i] == pytest.approx(11 / 6, rel=1e-15) for i in easy)
+    assert t.weights_for(np.array([easy[0], 3])).tolist() == [w[easy[0]], w[3]]
+    assert summary.selected == 32 and summary.selected_mean_score == pytest.approx(200 / 32)
+    # the last pass is full, whatever the scores
+    t.begin_pass(2)
+    last, s3 = t.begin_pass(3)
+    assert s3 is None and last.ids.tolist() == list(range(64)) and t.weights_for(last.ids) is None
+
+
+def test_final_full_passes_counted_in_the_plan():
+    t = _teacher({"preset": "attent-simple", "final_full_passes": 2}, passes=6)
+    assert [t.pass_size(p) for p in range(6)] == [992, 688, 688, 688, 992, 992]
+    assert t.planned_steps() == (3 * 992 + 3 * 688) // 16
+    scores = _tied_scores()
+    total = 0
+    for p in range(6):
+        sel, _ = t.begin_pass(p)
+        assert len(sel.ids) == t.pass_size(p)
+        total += len(sel.ids)
+        _record_in_batches(t, sel.ids, scores[sel.ids], stamp0=100 * p)
+    assert total == t.planned_samples()
+
+
+# ---- learnability scores -------------------------------------------------------------------------
+
+DROP = {"warmup_passes": 2, "score": "drop", "ratio": {"value": 0.5},
+        "interval": {"schedule": "fixed", "every": 1}}
+
+
+def test_drop_score_is_previous_minus_newest_and_once_scored_ids_compete_with_the_best(tmp_path):
+    n = 64
+    t = _teacher(DROP, n=n, passes=4)
+    d = (np.arange(n) * 23 % 64).astype(float)  # the drop of each id: a permutation of 0..63
+    t.begin_pass(0)
+    t.record(np.arange(4, n), np.full(n - 4, 100.0), stamp=0)  # ids 0..3 miss the first score
+    t.begin_pass(1)
+    t.record(np.arange(n), 100.0 - d, stamp=1)
+    sel, summary = t.begin_pass(2)  # one sync: two records per id, the runner-up is "previous"
+    assert np.array_equal(t.scores, 100.0 - d)  # the table keeps the raw signal
+    assert t.prev_scored.tolist() == [False] * 4 + [True] * (n - 4)
+    effective = {i: (63.0 if i < 4 else d[i]) for i in range(n)}  # scored once: best known (63)
+    assert sel.ids.tolist() == _top(effective, 32)
+    assert {0, 1, 2, 3} <= set(sel.ids.tolist())
+    assert summary.unscored == 4 and summary.invalid == 0
+    # the summary describes the raw signal
+    assert summary.score_quantiles == pytest.approx(
+        list(np.quantile(100.0 - d, [0.1, 0.5, 0.9])))
+    assert summary.selected_mean_score == pytest.approx(np.mean(100.0 - d[sel.ids]))
+    # pass 2 re-scores its selection: their previous score is the table's (100 - d), newest 50
+    t.record(sel.ids, np.full(32, 50.0), stamp=2)
+    t.sync()
+    t.save(tmp_path)
+    r = _teacher(DROP, n=n, passes=4)
+    r.load_state_dict(*Teacher.read(tmp_path), pass_index=3)
+    assert np.array_equal(r.prev_scores, t.prev_scores, equal_nan=True)
+    assert np.array_equal(r.prev_scored, t.prev_scored)
+    nxt, _ = t.begin_pass(3)
+    again, _ = r.begin_pass(3)
+    assert nxt.checksum == again.checksum
+    effective = {i: d[i] for i in range(4, n)}
+    for i in sel.ids.tolist():
+        effective[i] = (100.0 - d[i]) - 50.0
+    for i in range(4):  # now scored twice: 100 - d_i, then 50
+        effective[i] = 50.0 - d[i]
+    assert nxt.ids.tolist() == _top(effective, 32)
+
+
+def test_drop_ignores_nan_previous_and_keeps_nan_newest_invalid():
+    n = 32
+    t = _teacher({**DROP, "ratio": {"value": 0.5}}, n=n, passes=3)
+    first = np.ones(n)
+    first[5] = np.nan
+    t.begin_pass(0)
+    t.record(np.arange(n), first, stamp=0)
+    t.begin_pass(1)
+    second = np.zeros(n)
+    second[7] = np.nan
+    t.record(np.arange(n), second, stamp=1)
+    sel, summary = t.begin_pass(2)
+    # drops: 1 everywhere; id 5 has a NaN previous (unscored, fill = 1); id 7 NaN newest: invalid
+    assert summary.invalid == 1 and summary.unscored == 1
+    assert 7 not in sel.ids and sel.ids.tolist() == [i for i in range(17) if i != 7]
+
+
+def test_reducible_score_subtracts_the_reference():
+    n = 64
+    signal = (np.arange(n) * 7 % 64).astype(float)
+    reference = (np.arange(n) % 8).astype(float) * 10.0
+    reference[[3, 9]] = np.nan  # unknown: unscored, they compete with the best known
+    t = _teacher({"preset": "attent-simple", "score": "reducible"}, n=n, reference=reference)
+    t.begin_pass(0)
+    _record_in_batches(t, np.arange(n), signal)
+    sel, summary = t.begin_pass(1)
+    eff = signal - np.nan_to_num(reference)
+    best = max(eff[i] for i in range(n) if i not in (3, 9))
+    effective = {i: (best if i in (3, 9) else eff[i]) for i in range(n)}
+    assert sel.ids.tolist() == _top(effective, 32)
+    assert summary.unscored == 2
+    assert sel.ids.tolist() != _top(dict(enumerate(signal.tolist())), 32)  # raw would differ
+
+
+# ---- per source ------------------------------------------------------------------------------------
+
+def test_per_source_teacher_keeps_each_sources_share():
+    n = 64
+    sources = np.where(np.arange(n) < 16, 1, 0)  # prose: ids 0..15; code: ids 16..63
+    scores = np.where(sources == 0, 5.0, 1.0) + np.arange(n) * 1e-3  # code losses are higher
+    plain = _teacher({"preset": "attent-simple", "ratio": {"value": 0.5}}, n=n)
+    per = _teacher({"preset": "attent-simple", "ratio": {"value": 0.5},
+                    "selection": {"per_source": True}}, n=n, sources=sources)
+    out = []
+    for t in (plain, per):
+        t.begin_pass(0)
+        _record_in_batches(t, np.arange(n), scores)
+        out.append(t.begin_pass(1)[0].ids.tolist())
+    assert out[0] == list(range(32, 64))  # plain: only code
+    # per source: 32 x 48/64 = 24 code (its top: 40..63), 32 x 16/64 = 8 prose (its top: 8..15)
+    assert out[1] == list(range(8, 16)) + list(range(40, 64))
+
+
+class _TwoRanks:
+    rank, world = 0, 2
+
+
+def test_missing_inputs_are_refused_at_construction_with_their_keys():
+    from attent_scale.config import ConfigError
+    with pytest.raises(ConfigError) as ei:
+        _teacher({"selection": {"per_source": True, "method": "soft"}, "score": "reducible"})
+    lines = str(ei.value).splitlines()
+    assert lines[0] == "invalid 'attent' section (2 problems):"
+    assert lines[1].strip().startswith("attent.selection.per_source: got true but the job gave "
+                                       "the teacher no source ids;")
+    assert "fix: pass the samples' source ids" in lines[1]
+    assert lines[2].strip().startswith("attent.score: got 'reducible' but the job gave the "
+                                       "teacher no reference scores;")
+    assert "fix: pass the reference model's per-sample loss" in lines[2]
+    with pytest.raises(ConfigError, match=r"attent\.selection\.sharding: got 'sharded' but "
+                                          r"selection\.per_source needs"):
+        _teacher({"selection": {"per_source": True, "sharding": "sharded"}},
+                 sources=np.zeros(N, np.int64))
+    with pytest.raises(ConfigError, match=r"got 'auto', sharded here \(1000 samples > "
+                                          r"sharding_threshold 10 on 2 ranks\)"):
+        Teacher(parse_attent({"selection": {"per_source": True, "sharding_threshold": 10}}), N,
+                4, G, _TwoRanks(), sources=np.zeros(N, np.int64))
+    with pytest.raises(ValueError, match="sources: got an array of shape"):
+        _teacher({"selection": {"per_source": True}}, sources=np.zeros(10, np.int64))
+    # given but unused inputs are fine (recorded in the identity)
+    t = _teacher({"preset": "attent-simple"}, sources=np.zeros(N, np.int64),
+                 reference=np.zeros(N))
+    assert t.identity["sources"] is not None and t.identity["reference"] is not None
+
+
+def test_soft_temperature_guard_through_the_teacher():
+    t = _teacher({"preset": "attent-soft", "selection": {"temperature": 0.001}}, n=64)
+    t.begin_pass(0)
+    _record_in_batches(t, np.arange(64), np.full(64, 1e306))
+    with pytest.raises(SelectionError, match=r"^attent\.selection\.temperature: got 0\.001;"):
+        t.begin_pass(1)

@@ -370,7 +370,8 @@ def check_weights_only(tag_dir: Path) -> None:
 
 
 def load_checkpoint(engine, teaching: Teaching, load_dir: Path,
-                    load_optimizer_states: bool = True) -> Optional[dict[str, Any]]:
+                    load_optimizer_states: bool = True,
+                    pass_index: Optional[int] = None) -> Optional[dict[str, Any]]:
     """Resume from ``load_dir/latest`` if present; returns the trainer state or None.
 
     ``load_optimizer_states=False`` (a resume on another data-parallel size): DeepSpeed cannot
@@ -384,5 +385,5 @@ def load_checkpoint(engine, teaching: Teaching, load_dir: Path,
                                      load_optimizer_states=load_optimizer_states)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
-    teaching.load(load_dir / tag)
+    teaching.load(load_dir / tag, pass_index)
     return json.loads((load_dir / tag / TRAINER_STATE).read_text())

@@ -205,7 +205,8 @@ def save_checkpoint(model, optimizer, scheduler, teaching: Teaching, save_dir: P
     commit(teaching, save_dir, tag, state, files)
 
 
-def load_checkpoint(model, optimizer, scheduler, teaching: Teaching, load_dir: Path) -> None:
+def load_checkpoint(model, optimizer, scheduler, teaching: Teaching, load_dir: Path,
+                    pass_index: Optional[int] = None) -> None:
     """Collective: load model, optimizer, schedule and teacher from ``load_dir/latest``.
 
     Every rank reads just its own shards. DCP opens the tensor files with ``weights_only=True``
@@ -218,4 +219,4 @@ def load_checkpoint(model, optimizer, scheduler, teaching: Teaching, load_dir: P
     if scheduler is not None:
         sched = json.loads((load_dir / tag / SCHEDULER_STATE).read_text())
         scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(optimizer.param_groups)})
-    teaching.load(load_dir / tag)
+    teaching.load(load_dir / tag, pass_index)

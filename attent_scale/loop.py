@@ -111,6 +111,11 @@ class Progress:
     fingerprint: str = ""
     val_loss: Optional[float] = None
     world: int = 0                # data-parallel ranks that wrote the checkpoint (0: unknown)
+    # What the run was started with (checked on resume; None in older checkpoints).
+    micro: Optional[int] = None
+    passes: Optional[int] = None
+    budget_fraction: Optional[float] = None
+    canonical_nodes: Optional[int] = None   # streaming's sample order depends on it
 
 
 # ---- start-up ---------------------------------------------------------------------------------
@@ -138,11 +143,16 @@ def start_job(args, job: str):
     """(the config without its "attent" section, the teacher's config or None), checked before
     any process group exists, so a bad file or option stops every rank alone with the key named."""
     from .config import ConfigError, split_deepspeed_config
+    from .schedules import require_plan
     from .streaming_data import adopt_launcher_env, check_remote
     if not 0.0 < args.budget_fraction <= 1.0:
         raise SystemExit(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
+    if args.seed < 0:
+        raise SystemExit(f"{job}: --seed: got {args.seed}; allowed: an integer >= 0")
     try:
         raw_config, attent = split_deepspeed_config(args.deepspeed_config)
+        # A plan that never selects (warm-up past the last pass, --epochs 0) stops here.
+        require_plan(None if args.no_teacher else attent, args.epochs)
     except (ConfigError, OSError) as exc:
         raise SystemExit(f"{job}: {args.deepspeed_config}: {exc}") from None
     single_process_env()
@@ -230,8 +240,12 @@ def check_corpus(root: Path, meta: dict, remote: bool) -> None:
                              f"{meta['vocab_size']}; prepare the corpus again so they agree")
 
 
-def open_data(args, comm, micro: int):
-    """(meta, train_ds, val_ds): the prepared corpus (built or fetched first) and its readers."""
+def open_data(args, comm, micro: int, canonical_nodes: Optional[int] = None):
+    """(meta, train_ds, val_ds): the prepared corpus (built or fetched first) and its readers.
+
+    ``canonical_nodes``: streaming's sample order depends on it; a resume passes the checkpoint's
+    so that a run continued on another node count trains the same samples in the same order.
+    """
     from streaming import StreamingDataset
 
     from .streaming_data import SubsetStreamingDataset, clean_shared_memory
@@ -242,9 +256,10 @@ def open_data(args, comm, micro: int):
         clean_shared_memory()  # collective: every rank calls it
     remote = (lambda split: f"{args.remote.rstrip('/')}/{split}") if args.remote else \
         (lambda split: None)
+    extra = {} if canonical_nodes is None else {"num_canonical_nodes": canonical_nodes}
     train_ds = SubsetStreamingDataset(local=str(Path(args.data) / "train"),
                                       remote=remote("train"), batch_size=micro,
-                                      shuffle_seed=args.seed)
+                                      shuffle_seed=args.seed, **extra)
     val_ds = StreamingDataset(local=str(Path(args.data) / "val"), remote=remote("val"),
                               batch_size=micro, shuffle=False)
     return meta, train_ds, val_ds
@@ -296,44 +311,99 @@ class Job:
 
     @property
     def fresh_progress(self) -> Progress:
-        return Progress(fingerprint=self.meta["fingerprint"], world=self.comm.world)
+        return Progress(fingerprint=self.meta["fingerprint"], world=self.comm.world,
+                        **run_identity(self.args, self.micro, self.train_ds))
 
 
 def open_job(args, name: str, attent, micro: int, global_batch: int, comm, device) -> Job:
-    """Data, model and teacher of a pretraining job, and the checkpoint it would resume."""
+    """Data, teacher and model of a pretraining job, and the checkpoint it would resume.
+
+    The teacher is built (and its config checked against the data) before the model, so a
+    config that cannot work stops the job before the slow part; a checkpoint made with other
+    settings is refused before anything loads.
+    """
     from .checkpoint import read_trainer_state
+    from .config import ConfigError
     from .model import ModelError, build_model
+    from .teacher import SelectionError
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta, train_ds, val_ds = open_data(args, comm, micro)
-    try:
-        model = build_model(args.model, meta["vocab_size"], meta["seq_len"], args.seed,
-                            model_config=args.model_config, init_from=args.init_from)
-    except ModelError as exc:
-        raise SystemExit(f"{name}: {exc}") from None
-    from .config import ConfigError
-    try:
-        teaching = Teaching(attent, meta["num_train"], args.epochs, global_batch, comm=comm,
-                            data_seed=args.seed, model=model, announce=False,
-                            sources=read_sources(train_ds, meta) if _wants_sources(attent)
-                            else None,
-                            reference=read_reference(args.reference_scores, meta["num_train"]))
-    except ConfigError as exc:
-        raise SystemExit(f"{name}: {exc}") from None
-    planned = max(1, math.floor(teaching.planned_steps() * args.budget_fraction))
     ckpt = out / "checkpoints"
     try:
         saved = None if args.no_resume else read_trainer_state(ckpt)
     except RuntimeError as exc:
         raise SystemExit(f"{name}: {exc}") from None
-    if saved is not None and saved["fingerprint"] != meta["fingerprint"]:
+    meta, train_ds, val_ds = open_data(args, comm, micro,
+                                       canonical_nodes=(saved or {}).get("canonical_nodes"))
+    try:
+        teaching = Teaching(attent, meta["num_train"], args.epochs, global_batch, comm=comm,
+                            data_seed=args.seed, announce=False, defer_model=True,
+                            sources=read_sources(train_ds, meta) if _wants_sources(attent)
+                            else None,
+                            reference=read_reference(args.reference_scores, meta["num_train"]))
+    except (ConfigError, SelectionError) as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+    if saved is not None:
+        check_resume(name, ckpt, saved, meta, teaching, args, micro, comm.world)
+    try:
+        model = build_model(args.model, meta["vocab_size"], meta["seq_len"], args.seed,
+                            model_config=args.model_config, init_from=args.init_from)
+        teaching.watch(model)
+    except (ModelError, ConfigError) as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+    planned = max(1, math.floor(teaching.planned_steps() * args.budget_fraction))
+    return Job(args, name, comm, device, out, meta, train_ds, val_ds, model, teaching, micro,
+               planned, ckpt, saved)
+
+
+def run_identity(args, micro: int, train_ds) -> dict:
+    """What a checkpoint records of the run beyond the teacher's own identity."""
+    return {"micro": micro, "passes": args.epochs, "budget_fraction": args.budget_fraction,
+            "canonical_nodes": int(train_ds.num_canonical_nodes)}
+
+
+def check_resume(name: str, ckpt: Path, saved: dict, meta: dict, teaching: Teaching, args,
+                 micro: int, world: int) -> None:
+    """Refuse, before anything loads, a checkpoint this run cannot continue correctly.
+
+    Another corpus (its fingerprint), or settings that change the plan or the selections: the
+    teacher's identity (its config, the global batch, passes, pass sizes, data seed) and the
+    job's own (micro batch, passes, budget). A different world size alone is an elastic resume,
+    which re-plans (see :func:`resume_elastic`); that is the one change of the global batch let
+    through.
+    """
+    from .teacher_state import change_kind
+    fix = (f"resume with the original settings, or start fresh: another --out, or --no-resume "
+           f"(which ignores {ckpt})")
+    if saved["fingerprint"] != meta["fingerprint"]:
         # Another corpus's scores and selection index other examples.
         raise SystemExit(f"{name}: the checkpoint in {ckpt} was made on another dataset (its "
                          f"fingerprint {saved['fingerprint'][:12]}, --data {args.data} has "
                          f"{meta['fingerprint'][:12]}); use another --out, the original --data, "
                          "or pass --no-resume")
-    return Job(args, name, comm, device, out, meta, train_ds, val_ds, model, teaching, micro,
-               planned, ckpt, saved)
+    changes = []
+    for key, label, now in (("micro", "micro batch", micro), ("passes", "passes", args.epochs),
+                            ("budget_fraction", "--budget-fraction", args.budget_fraction)):
+        if key in saved and saved[key] != now:
+            changes.append(f"{label}: {saved[key]} -> {now}")
+    tag = (ckpt / "latest").read_text().strip()
+    state_file = ckpt / tag / "attent_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{name}: {state_file} is missing or unreadable ({exc}); the "
+                         f"checkpoint is damaged; {fix}") from None
+    elastic = saved.get("world", 0) not in (0, world)
+    for line in teaching.teacher.changes_since(state):
+        kind = change_kind(line)
+        if kind == "safe":
+            continue
+        if elastic and line.startswith(("global batch:", "pass sizes:")):
+            continue  # the elastic resume re-plans these
+        changes.append(line)
+    if changes:
+        raise SystemExit(f"{name}: the checkpoint in {ckpt} was made with other settings ("
+                         + "; ".join(changes) + f"); {fix}")
 
 
 def _wants_sources(attent) -> bool:

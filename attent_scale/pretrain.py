@@ -71,8 +71,9 @@ def main(argv=None) -> int:
                              "another world size needs ZeRO stage 0-2 and --budget-fraction 1 "
                              "(see docs/RELIABILITY.md); resume on the original world size")
         try:
-            dsp.load_checkpoint(engine, teaching, job.ckpt, load_optimizer_states=not elastic)
-        except RuntimeError as exc:
+            dsp.load_checkpoint(engine, teaching, job.ckpt, load_optimizer_states=not elastic,
+                                pass_index=saved["pass_index"])
+        except (RuntimeError, ValueError) as exc:  # ValueError: a damaged teacher state
             raise SystemExit(f"attent-pretrain: {exc}") from None
         prog = Progress(**saved)
         print0(f"resumed at step {prog.step}, pass {prog.pass_index}, "

@@ -75,7 +75,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"attent-pretrain-fsdp: the checkpoint in {job.ckpt} was written "
                              f"by {saved['world']} ranks, this job has {world}; resume on the "
                              "original world size")
-        fsp.load_checkpoint(model, optimizer, scheduler, teaching, job.ckpt)
+        try:
+            fsp.load_checkpoint(model, optimizer, scheduler, teaching, job.ckpt,
+                                pass_index=saved["pass_index"])
+        except (RuntimeError, ValueError) as exc:  # ValueError: a damaged teacher state
+            raise SystemExit(f"attent-pretrain-fsdp: {exc}") from None
         prog = Progress(**saved)
         print0(f"resumed at step {prog.step}, pass {prog.pass_index}, "
                f"{prog.samples_in_pass} samples into the pass")

@@ -32,6 +32,7 @@ from .comm import make_comm
 from .config import AttentConfig, ConfigError, parse_attent
 from .partition import lockstep_batches
 from .policy import Selection, make_rng
+from .schedules import require_plan
 from .signals import IGNORE_INDEX, causal_token_losses, example_scores
 from .teacher import PassSummary, Teacher
 
@@ -94,12 +95,20 @@ class Teaching:
         reference: per-sample reference scores, for ``score: reducible``.
         model: the module whose forward the attention and gradient signals hook.
         announce: print one ``[attent]`` line per selection on the first rank.
+        defer_model: the model comes later (:meth:`watch`), e.g. a job that checks the teacher's
+            config before it spends time building the model.
+
+    Raises ConfigError (the key, the value, what is allowed, the fix) before anything runs when
+    the config cannot work here: a plan that never selects, inputs a policy needs but did not
+    get, a signal the model cannot provide.
     """
 
     def __init__(self, config: ConfigLike, num_samples: int, passes: int, global_batch: int, *,
                  comm=None, data_seed: int = 0, sources: Optional[np.ndarray] = None,
-                 reference: Optional[np.ndarray] = None, model=None, announce: bool = True):
+                 reference: Optional[np.ndarray] = None, model=None, announce: bool = True,
+                 defer_model: bool = False):
         self.cfg = as_config(config)
+        require_plan(self.cfg, passes, num_samples, global_batch)
         self.comm = comm if comm is not None else make_comm()
         extra = {}
         if sources is not None:
@@ -108,7 +117,9 @@ class Teaching:
             extra["reference"] = np.asarray(reference, dtype=np.float64)
         self.teacher = Teacher(self.cfg, num_samples, passes, global_batch, self.comm,
                                data_seed=data_seed, **extra)
-        self.probe = make_probe(model, self.cfg)
+        self.probe = None
+        if model is not None or (self.cfg is not None and not defer_model):
+            self.watch(model)
         self.sources = None if sources is None else np.asarray(sources)
         # Where training stands: the pass in progress (or next) and the samples of it that the
         # whole group has trained.
@@ -121,6 +132,10 @@ class Teaching:
         """Called on every rank with one record per pass begun (selections, for logs/monitors)."""
         self.last_scores: list[np.ndarray] = []  # host copies since the caller last cleared them
         self._grad_pool = False  # grad_norm: the recorded forward is a pool pass's
+
+    def watch(self, model) -> None:
+        """Hook the model's forward for the signals that need it (attention, gradient norms)."""
+        self.probe = make_probe(model, self.cfg)
 
     # ---- plan ------------------------------------------------------------------------------
     @property
@@ -387,11 +402,14 @@ class Teaching:
             self.teacher.save(directory, extra={**self.position(), **(extra or {})})
         self.comm.barrier()
 
-    def load(self, directory: Union[str, Path]) -> dict:
-        """Read what :meth:`save` wrote in ``directory``; returns the saved metadata."""
+    def load(self, directory: Union[str, Path], pass_index: Optional[int] = None) -> dict:
+        """Read what :meth:`save` wrote in ``directory``; returns the saved metadata.
+
+        The state is validated before anything of it is used (TeacherStateError names the file
+        and the field); ``pass_index``, the pass the trainer resumes, must agree with it."""
         directory = Path(directory)
         meta, arrays = Teacher.read(directory)
-        self.teacher.load_state_dict(meta, arrays)
+        self.teacher.load_state_dict(meta, arrays, pass_index)
         self.pass_index = int(meta.get("pass_index", meta.get("selection_pass", 0)))
         self.samples_done = int(meta.get("samples_done", 0))
         self.stamp = int(meta.get("stamp", 0))

@@ -1,4 +1,4 @@
-"""Opening a corpus for training: one made by ``attent-prepare`` or an MDS dataset of someone else's.
+"""Opening a corpus for training: made by ``attent-prepare``, or an MDS dataset from elsewhere.
 
 :func:`open_corpus` returns the same meta keys for both, so a training job reads either:
 

@@ -131,7 +131,7 @@ def parse_input(spec: str) -> InputSpec:
         raise InputError(f"--input {spec!r} is empty; give KIND:TARGET or a glob of text files")
     name, rest = None, spec
     m = _NAME.match(spec)
-    if m and "/" not in m.group(1) and ":" not in m.group(1):
+    if m:
         name, rest = m.group(1), m.group(2)
     m = _KIND.match(rest)
     kind, target = (m.group(1), m.group(2)) if m else ("text", rest)

@@ -222,6 +222,17 @@ class TokenizerRecipe:
     path: str
     """The ``.model`` file, the Hugging Face directory or the ``tokenizer.json``."""
     eos_id: int
+    backend_json: Optional[str] = None
+    """A fast Hugging Face tokenizer's backend as transformers loaded it (``to_str()``):
+    workers rebuild exactly that with the ``tokenizers`` library, without importing
+    transformers (seconds per process) or re-deriving what its loading adjusts."""
+
+    def load(self, threads: int) -> Callable[[list[str]], list[list[int]]]:
+        if self.backend_json is not None:
+            from tokenizers import Tokenizer
+            return _encoder("tokenizers", _untruncated(Tokenizer.from_str(self.backend_json)),
+                            threads)
+        return _encoder(self.kind, _load_backend(self.kind, self.path), threads)
 
 
 def _load_backend(kind: str, path: str):
@@ -378,7 +389,8 @@ def install_tokenizer(ext: ExternalTokenizer, corpus_dir: Path) -> tuple[str, To
         raise ValueError(f"--tokenizer {ext.path}: its copy in {dest} loads differently (files "
                          f"copied: {[Path(f).name for f in ext.files]}); save the tokenizer "
                          f"with save_pretrained into a directory of its own and pass that")
-    return HF_DIR, TokenizerRecipe(ext.kind, str(dest), ext.eos_id)
+    backend = copy.backend_tokenizer.to_str() if getattr(copy, "is_fast", False) else None
+    return HF_DIR, TokenizerRecipe(ext.kind, str(dest), ext.eos_id, backend)
 
 
 def load_tokenizer(out_dir: PathLike):
@@ -558,7 +570,7 @@ def _worker_main() -> None:
 
     threading.Thread(target=read, daemon=True).start()
     try:
-        encode, failure = _encoder(recipe.kind, _load_backend(recipe.kind, recipe.path), 1), None
+        encode, failure = recipe.load(threads=1), None
     except Exception as e:  # reported with the first batch, where the parent waits for it
         encode, failure = None, f"{type(e).__name__}: {e}"
     while (texts := batches.get()) is not None:
@@ -579,8 +591,7 @@ def encode_stream(recipe: TokenizerRecipe, batches: Iterable[tuple[Any, list[str
     ``2 * workers`` batches are in flight, so memory stays bounded however long the input.
     """
     if workers <= 1:
-        encode = _encoder(recipe.kind, _load_backend(recipe.kind, recipe.path),
-                          threads=min(os.cpu_count() or 1, 8))
+        encode = recipe.load(threads=min(os.cpu_count() or 1, 8))
         for tag, texts in batches:
             yield (tag, *_encode_flat(encode, recipe.eos_id, texts))
         return

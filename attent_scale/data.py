@@ -73,7 +73,7 @@ PARAM_KEYS = ("seq_len", "vocab_size", "val_fraction", "seed", "max_bytes", "sou
 # Documents go to the encoders in batches of about this much text; 2 batches per worker in
 # flight bound the memory.
 BATCH_DOCS = 256
-BATCH_CHARS = 1 << 20
+BATCH_CHARS = 1 << 18
 AUTO_WORKERS_MIN_BYTES = 4 << 20
 """Below this much input, workers=None encodes in-process (starting workers costs more)."""
 
@@ -614,7 +614,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     keys = ("source", "seq_len", "vocab_size", "train_files", "val_files", "train_tokens",
             "val_tokens", "num_train", "num_val", "fingerprint")
-    print(format_summary({k: meta.get(k) for k in keys}))
+    rows = [(k, meta.get(k)) for k in keys]
+    rows += [(f"source {i} ({s['name']})", f"{s['num_train']} train / {s['num_val']} val")
+             for i, s in enumerate(meta.get("inputs") or [])]
+    print(format_summary(rows))
     return 0
 
 

@@ -268,6 +268,19 @@ def test_worker_count_does_not_change_the_output(inputs, hf_tok, tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "one" / "tokenizer")).eos_token == EOT
 
 
+def test_hugging_face_tokenizer_in_workers(hf_corpus, inputs, hf_tok, tmp_path):
+    out, meta = hf_corpus
+    again = prepare_corpus(tmp_path / "w2", seq_len=SEQ, val_fraction=FRAC, seed=SEED,
+                           progress=False, inputs=specs(inputs), text_field=SPECS_TEXT_FIELDS,
+                           tokenizer=hf_tok["dir"], workers=2)
+    assert again == meta
+    for split in ("train", "val"):
+        files = sorted(p.name for p in (out / split).iterdir())
+        assert files == sorted(p.name for p in (tmp_path / "w2" / split).iterdir())
+        assert all((out / split / f).read_bytes() == (tmp_path / "w2" / split / f).read_bytes()
+                   for f in files)
+
+
 def test_reuse_and_refusal_with_inputs(hf_corpus, inputs, hf_tok, tmp_path):
     out, meta = hf_corpus
     kw = dict(seq_len=SEQ, val_fraction=FRAC, seed=SEED, progress=False, inputs=specs(inputs),

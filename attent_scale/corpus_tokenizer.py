@@ -376,14 +376,15 @@ def install_tokenizer(ext: ExternalTokenizer, corpus_dir: Path) -> tuple[str, To
         return SP_FILE, TokenizerRecipe(ext.kind, str(corpus_dir / SP_FILE), ext.eos_id)
     dest = corpus_dir / HF_DIR
     dest.mkdir()
-    for f in ext.files:
-        shutil.copyfile(f, dest / Path(f).name)
     if ext.kind == "tokenizers":
+        shutil.copyfile(ext.files[0], dest / "tokenizer.json")  # whatever its name was
         # Lets AutoTokenizer (export, fine-tuning) load the copy with the corpus's eos token.
         (dest / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": ext.eos_token},
             indent=1) + "\n")
         return HF_DIR, TokenizerRecipe(ext.kind, str(dest / "tokenizer.json"), ext.eos_id)
+    for f in ext.files:
+        shutil.copyfile(f, dest / Path(f).name)
     copy = _load_backend("huggingface", str(dest))
     if _vocab_extent("huggingface", copy) != ext.size:
         raise ValueError(f"--tokenizer {ext.path}: its copy in {dest} loads differently (files "

@@ -114,13 +114,13 @@ def hf_tok(tmp_path_factory, inputs) -> dict:
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT, "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([t for _, docs in inputs.values() for _, t in docs], trainer)
-    tok.save(str(root / "tokenizer.json"))
+    tok.save(str(root / "bpe-300.json"))  # any name: the corpus copy is tokenizer.json
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, pad_token="<pad>")
     hf.add_special_tokens({"additional_special_tokens": ["<extra>"]})
     hf.save_pretrained(str(root / "dir"))
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(root / "no_eos"))
-    return {"dir": root / "dir", "json": root / "tokenizer.json", "no_eos": root / "no_eos",
-            "size": len(hf), "eos": tok.token_to_id(EOT), "raw": root / "tokenizer.json"}
+    return {"dir": root / "dir", "json": root / "bpe-300.json", "no_eos": root / "no_eos",
+            "size": len(hf), "eos": tok.token_to_id(EOT), "raw": root / "bpe-300.json"}
 
 
 def expected(docs: list[tuple[str, str]], encode, eos: int, whole_files: bool = False) -> dict:
@@ -263,6 +263,8 @@ def test_worker_count_does_not_change_the_output(inputs, hf_tok, tmp_path):
         assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
     assert one["tokenizer_origin"]["kind"] == "tokenizers"
     assert one["eos_id"] == hf_tok["eos"] and one["vocab_size"] == 300
+    assert corpus_tokenizer_size(tmp_path / "one") == 300
+    assert load_corpus_tokenizer(tmp_path / "one").decode([hf_tok["eos"]]) == EOT
     # the copied bare tokenizer.json loads with AutoTokenizer, with its eos token
     from transformers import AutoTokenizer
     assert AutoTokenizer.from_pretrained(str(tmp_path / "one" / "tokenizer")).eos_token == EOT

@@ -76,6 +76,12 @@ def test_meta_and_files(prepared, source):
     # several shards with the small shard_bytes, and no temporary directory left behind
     assert len(list((out / "train").glob("shard.*.mds"))) > 1
     assert [p.name for p in out.parent.iterdir()] == ["corpus"]
+    # one source, the tree; its fingerprint is still the legacy formula over files and model
+    assert meta["sources"] == [source.name] and meta["inputs"][0]["files"] == len(files)
+    assert (meta["token_column"], meta["source_column"]) == ("tokens", "source")
+    assert meta["fingerprint"] == data.fingerprint(files, SEQ_LEN, VOCAB, VAL_FRACTION, 0,
+                                                   (out / "tokenizer.model").read_bytes())
+    assert meta["tokenizer_origin"]["kind"] == "sentencepiece-trained"
 
 
 def test_split_by_file_disjoint_and_deterministic(source):
@@ -122,6 +128,25 @@ def test_train_samples(prepared, source):
     assert text in corpus_text(source)
     # files are separated by EOS
     assert (train == EOS_ID).sum() >= 1
+
+
+def test_packing_of_the_py_tree_is_unchanged(prepared, source):
+    """The legacy recipe, restated: train files in sorted order, each encoded and followed by
+    EOS, joined and cut into seq_len rows (the rest dropped); every row from source 0."""
+    import streaming
+    from streaming.base.util import clean_stale_shared_memory
+
+    out, meta = prepared
+    sp = load_tokenizer(out)
+    train_files, _ = split_files(list_source_files(source), VAL_FRACTION, seed=0)
+    stream = [t for f in train_files for t in sp.encode(f.path.read_text()) + [EOS_ID]]
+    assert len(stream) == meta["train_tokens"]
+    n = len(stream) // SEQ_LEN
+    np.testing.assert_array_equal(read_split(out, "train"),
+                                  np.array(stream[:n * SEQ_LEN]).reshape(n, SEQ_LEN))
+    clean_stale_shared_memory()
+    ds = streaming.StreamingDataset(local=str(out / "train"), shuffle=False, batch_size=1)
+    assert {int(ds[i]["source"]) for i in range(len(ds))} == {0}
 
 
 def test_val_samples(prepared):

@@ -231,7 +231,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 h = _padded(hidden[s:e].to(cdtype), size, 0)
                 g = kernels.dlogits(h, w, _padded(labels[s:e], size, IGNORE_INDEX),
                                     _padded(lse[s:e], size, 0.0),
-                                    _padded(grad_ce[s:e].float(), size, 0.0))
+                                    # contiguous: a mean's upstream gradient is an
+                                    # expanded scalar, whose strides would recompile the kernel
+                                    _padded(grad_ce[s:e].float().contiguous(), size, 0.0))
                 if need_h:
                     grad_h[s:e] = (g @ w)[:e - s].to(grad_h.dtype)
                 if need_w:

@@ -85,8 +85,10 @@ def export(run: str | Path, data: str | Path, shape: str, out: str | Path) -> Pa
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from .model import MODEL_SHAPES, build_model
-    if shape not in MODEL_SHAPES:
-        raise ValueError(f"--model {shape!r}; allowed: {sorted(MODEL_SHAPES)}")
+    config_file = None if shape in MODEL_SHAPES else shape
+    if config_file is not None and not Path(config_file).exists():
+        raise ValueError(f"--model {shape!r}; allowed: {sorted(MODEL_SHAPES)} or the "
+                         "--model-config file the run used")
     meta_path = Path(data) / "meta.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} missing: --data must be the corpus the run was "
@@ -94,19 +96,24 @@ def export(run: str | Path, data: str | Path, shape: str, out: str | Path) -> Pa
     meta = json.loads(meta_path.read_text())
     root, tag = find_checkpoint(Path(run))
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    model = build_model(shape, meta["vocab_size"], meta["seq_len"], seed=0)
+    model = build_model(shape, meta["vocab_size"], meta["seq_len"], seed=0,
+                        model_config=config_file)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {root / tag} does not fit --model {shape}: missing "
                          f"{missing[:4]}, unexpected {unexpected[:4]}; pass the run's --model")
-    cfg = model.config
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = BOS_ID, EOS_ID, PAD_ID
-    model.generation_config.bos_token_id = BOS_ID
-    model.generation_config.eos_token_id = EOS_ID
-    model.generation_config.pad_token_id = PAD_ID
+    # Special ids from the corpus (a tokenizer brought in has its own).
+    bos, eos, pad = (meta.get(k, d) for k, d in (("bos_id", BOS_ID), ("eos_id", EOS_ID),
+                                                  ("pad_id", PAD_ID)))
+    for target in (model.config, model.generation_config):
+        target.bos_token_id, target.eos_token_id, target.pad_token_id = bos, eos, pad
     out = Path(out)
     model.save_pretrained(str(out))
-    hf_tokenizer(Path(data) / "tokenizer.model", meta["seq_len"]).save_pretrained(str(out))
+    if (Path(data) / "tokenizer.model").exists():
+        hf_tokenizer(Path(data) / "tokenizer.model", meta["seq_len"]).save_pretrained(str(out))
+    else:  # a corpus prepared with a Hugging Face tokenizer: hand that one on as it is
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(str(Path(data) / meta["tokenizer"])).save_pretrained(str(out))
     (out / "attent_export.json").write_text(json.dumps(
         {"checkpoint": str(root / tag), "model": shape,
          "corpus_fingerprint": meta.get("fingerprint"), "vocab_size": meta["vocab_size"],
@@ -119,7 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--run", required=True,
                    help="attent-pretrain --out directory (its checkpoints/latest), or a tag folder")
     p.add_argument("--data", required=True, help="the corpus directory the run was trained on")
-    p.add_argument("--model", required=True, help="the --model shape the run used (e.g. 100m)")
+    p.add_argument("--model", required=True,
+                   help="the --model shape the run used (e.g. 100m), or its --model-config file")
     p.add_argument("--out", required=True, help="directory for save_pretrained")
     a = p.parse_args(argv)
     out = export(a.run, a.data, a.model, a.out)

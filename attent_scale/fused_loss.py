@@ -387,22 +387,16 @@ def scores_from_token_losses(out: TokenLosses, signal: str = "loss",
     (ask for ``fgrad=True``); ``attention_fgrad`` the same with each token weighted by
     ``importance`` [B, T']. An example without unmasked tokens scores NaN, as there.
     """
-    mask = out.labels != IGNORE_INDEX
-    n = mask.sum(dim=-1).float()
-    if signal == "loss":
-        return torch.where(mask, out.ce.detach().float(), torch.zeros_like(out.ce)).sum(-1) / n
-    if signal not in ("fgrad_norm", "attention_fgrad"):
+    if signal not in ("loss", "fgrad_norm", "attention_fgrad"):
         raise FusedLossError(f"signal {signal!r}: unknown; allowed: loss, fgrad_norm, "
                              "attention_fgrad (grad_norm comes from its own probe)")
-    if out.fgrad_sq is None:
+    if signal != "loss" and out.fgrad_sq is None:
         raise FusedLossError(f"signal {signal!r} needs fgrad_sq: call with fgrad=True and impl "
                              f"one of {', '.join(FGRAD_IMPLS)} or 'auto'")
-    g2 = out.fgrad_sq
-    if signal == "attention_fgrad":
-        if importance is None:
-            raise FusedLossError("signal 'attention_fgrad' needs the attention importance [B, T']")
-        g2 = torch.where(mask, importance.float(), torch.zeros_like(g2)) * g2
-    return torch.sqrt(g2.sum(-1) / n)
+    if signal == "attention_fgrad" and importance is None:
+        raise FusedLossError("signal 'attention_fgrad' needs the attention importance [B, T']")
+    return example_scores(signal, out.ce.detach(), out.labels, importance=importance,
+                          g2=out.fgrad_sq)
 
 
 # -- auto ---------------------------------------------------------------------------------------

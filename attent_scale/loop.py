@@ -56,6 +56,9 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
                    help="a corpus directory: one attent-prepare wrote (built from the standard "
                         "library when missing), or MDS shards of your own in DIR/train and "
                         "DIR/val; with --remote, the local cache of the remote corpus")
+    p.add_argument("--token-column", default=None,
+                   help="MDS shards of your own: the column holding the token ids (default: "
+                        "tokens, else input_ids)")
     p.add_argument("--remote", default=None,
                    help="a prepared corpus in an object store or another path (s3://bucket/dir): "
                         "streamed into --data as a cache instead of building one")
@@ -182,11 +185,14 @@ def local_device() -> torch.device:
 # ---- data ---------------------------------------------------------------------------------------
 
 def prepare_data(args, comm) -> dict:
-    """Use the corpus in --data; build it (rank 0, others wait) when it does not exist yet.
+    """The corpus in --data: one attent-prepare wrote, or MDS shards of your own (DIR/train and
+    DIR/val, schema-checked); built from the standard library (rank 0, others wait) when the
+    directory holds neither.
 
     Corpus options left unset take the existing corpus's values (or the defaults when building);
     options set explicitly must match an existing corpus.
     """
+    from .corpus import open_corpus
     from .data import prepare_corpus
     root = Path(args.data)
     wanted = {k: getattr(args, k) for k in CORPUS_DEFAULTS if getattr(args, k) is not None}
@@ -196,8 +202,18 @@ def prepare_data(args, comm) -> dict:
             from .streaming_data import fetch_file
             fetch_file(f"{args.remote.rstrip('/')}/meta.json", root / "meta.json")
         comm.barrier()
-    if (root / "meta.json").exists():
-        meta = json.loads((root / "meta.json").read_text())
+    if root.exists() and not root.is_dir():
+        raise SystemExit(f"attent-pretrain: --data {root} is a file; give a corpus directory "
+                         "(attent-prepare --out DIR) or a new directory to build one in")
+    if (root / "meta.json").exists() or (root / "train" / "index.json").exists():
+        try:
+            meta = open_corpus(root, args.token_column)
+        except ValueError as exc:
+            raise SystemExit(f"attent-pretrain: --data {root}: {exc}") from None
+        if meta.get("format") == "mds-external":
+            if meta["vocab_size"] is None:
+                meta["vocab_size"] = args.vocab_size  # the model's embedding size, if given
+            return meta
         clash = {k: (v, meta.get(k)) for k, v in wanted.items()
                  if (v or None) != meta.get(k)}
         if clash:
@@ -206,12 +222,17 @@ def prepare_data(args, comm) -> dict:
                                        for k, (v, m) in clash.items()) +
                              "; drop these options or choose another --data directory")
         return meta
+    if root.is_dir() and any(root.iterdir()):
+        raise SystemExit(f"attent-pretrain: --data {root} is neither a prepared corpus (no "
+                         "meta.json) nor MDS shards (no train/index.json); give a corpus "
+                         "directory, or an empty or new one to build the standard-library "
+                         "corpus in")
     opts = {**CORPUS_DEFAULTS, **wanted}
     if comm.rank == 0:
         prepare_corpus(root, seq_len=opts["seq_len"], vocab_size=opts["vocab_size"],
                        max_bytes=opts["max_bytes"] or None)
     comm.barrier()
-    return json.loads((root / "meta.json").read_text())
+    return open_corpus(root)
 
 
 def check_corpus(root: Path, meta: dict, remote: bool) -> None:
@@ -220,7 +241,8 @@ def check_corpus(root: Path, meta: dict, remote: bool) -> None:
     Every rank runs the same checks on the same files, so every rank stops with the same error
     (no rank is left waiting in a collective).
     """
-    from .data import load_tokenizer, verify_split
+    from .corpus import verify_split
+    from .corpus_tokenizer import corpus_tokenizer_size
     try:
         # With a remote, absent shards stream in later and streaming validates them on download;
         # so does index.json itself while the cache is still empty.
@@ -230,8 +252,11 @@ def check_corpus(root: Path, meta: dict, remote: bool) -> None:
             verify_split(root / split, n, allow_missing=remote)
     except ValueError as exc:
         raise SystemExit(f"attent-pretrain: --data {root}: {exc}") from None
-    if (root / "tokenizer.model").exists():
-        pieces = load_tokenizer(root).get_piece_size()
+    if meta.get("tokenizer") and meta.get("vocab_size") is not None:
+        try:
+            pieces = corpus_tokenizer_size(root)
+        except FileNotFoundError:
+            return  # a remote corpus whose tokenizer stays remote: its meta is checked
         if pieces > meta["vocab_size"]:
             # Token ids >= the embedding size would index past it: a crash on CPU, silent garbage
             # or a device assert on GPU.
@@ -284,7 +309,7 @@ def read_sources(train_ds, meta: dict) -> Optional[np.ndarray]:
     """Per-sample source ids of the training split, when the corpus records them."""
     if len(meta.get("sources") or []) < 2:
         return None
-    column = meta.get("source_column", "source")
+    column = meta.get("source_column") or "source"
     return np.fromiter((int(train_ds.get_item(i)[column]) for i in range(train_ds.full_size)),
                        dtype=np.int64, count=train_ds.full_size)
 
@@ -497,7 +522,7 @@ class Run:
         prog = self.prog
         start = self.sync_clock()
         prog.val_loss = evaluate(self.model, self.val_ds, self.args.eval_samples, self.micro,
-                                 self.comm, self.device)
+                                 self.comm, self.device, self.job.meta["token_column"])
         prog.eval_time += self.sync_clock() - start
         self.log({"type": "eval", "step": prog.step, "time": self.now(),
                   "val_loss": prog.val_loss, "eval_time": prog.eval_time, "tokens": prog.tokens})
@@ -534,7 +559,8 @@ class Run:
         from .scoring import pool_scorer
         t = self.teaching
         start = self.sync_clock()
-        scorer = (pool_scorer(pool_model, self.job.train_ds, t, self.device)
+        scorer = (pool_scorer(pool_model, self.job.train_ds, t, self.device,
+                              self.job.meta["token_column"])
                   if pool_model is not None else None)
         selection = t.begin_pass(p, scorer, self.micro)
         self.prog.teacher_time += self.sync_clock() - start

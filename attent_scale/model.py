@@ -81,7 +81,7 @@ def shape_config(shape: str, vocab_size: int, seq_len: int):
 def check_fits(config, vocab_size: int, seq_len: int, where: str) -> None:
     """Refuse a model whose embedding or positions cannot hold the corpus's tokens."""
     rows = getattr(config, "vocab_size", None)
-    if rows is not None and rows < vocab_size:
+    if rows is not None and vocab_size is not None and rows < vocab_size:
         raise ModelError(f"{where}: the model's vocab_size {rows} is smaller than the corpus's "
                          f"{vocab_size} (its tokenizer's ids go up to {vocab_size - 1}); use a "
                          "config with vocab_size >= that, or prepare the corpus with the model's "
@@ -103,6 +103,10 @@ def build_model(shape: str, vocab_size: int, seq_len: int, seed: int,
     where = (f"--init-from {init_from}" if init_from else
              f"--model-config {model_config}" if model_config else f"--model {shape}")
     if config is None:
+        if vocab_size is None:
+            raise ModelError(f"{where}: the corpus does not say its vocabulary size (MDS shards "
+                             "of your own); pass --vocab-size N (the model's embedding rows), "
+                             "or --model-config / --init-from")
         config = shape_config(shape, vocab_size, seq_len)
     check_fits(config, vocab_size, seq_len, where)
     # Model init is user territory; the teacher itself never touches a global RNG.

@@ -88,11 +88,12 @@ def main(argv=None) -> int:
               save=lambda tag: dsp.save_checkpoint(engine, teaching, job.ckpt, tag,
                                                    prog.__dict__),
               monitor=open_monitor(ds_config, engine))
+    column = job.meta["token_column"]
     for p in run.passes():
         run.begin_pass(p, engine.module)
         for batch in DataLoader(job.train_ds, batch_size=micro, num_workers=args.workers):
             ids = batch["id"].numpy()
-            tokens = batch["tokens"].to(device=device, dtype=torch.long)
+            tokens = batch[column].to(device=device, dtype=torch.long)
             with teaching.recording():
                 logits = engine(input_ids=tokens).logits
             loss = teaching.update(ids, logits=logits, labels=tokens)

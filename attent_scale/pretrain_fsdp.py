@@ -90,12 +90,13 @@ def main(argv=None) -> int:
               save=lambda tag: fsp.save_checkpoint(model, optimizer, scheduler, teaching,
                                                    job.ckpt, tag, prog.__dict__),
               monitor=open_monitor(raw_config))
+    column = job.meta["token_column"]
     for p in run.passes():
         # Streaming hands each rank the same number of micro batches of the selection.
         run.begin_pass(p, model)
         for batch in DataLoader(job.train_ds, batch_size=micro, num_workers=args.workers):
             ids = batch["id"].numpy()
-            tokens = batch["tokens"].to(device=device, dtype=torch.long)
+            tokens = batch[column].to(device=device, dtype=torch.long)
             last_micro = run.last_micro()
             # Inside an accumulation window gradients stay local (unsharded) and are
             # reduce-scattered once, on the window's last backward.

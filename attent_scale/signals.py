@@ -112,12 +112,13 @@ def attention_importance(query: torch.Tensor, key: torch.Tensor, scaling: float,
 def example_scores(signal: str, token_ce: torch.Tensor, labels: torch.Tensor,
                    logits: Optional[torch.Tensor] = None,
                    importance: Optional[torch.Tensor] = None,
-                   chunk_tokens: int = 2048) -> torch.Tensor:
+                   chunk_tokens: int = 2048, g2: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One score per example ([B], float32) from per-token quantities ([B, T]).
 
     - loss: mean cross-entropy over the example's unmasked tokens;
     - fgrad_norm: sqrt of the mean over unmasked tokens of ||softmax - onehot||^2 (the RMS
-      functional-gradient norm; needs ``logits``);
+      functional-gradient norm; from ``logits``, or ``g2`` when a fused loss kernel already
+      computed it per token);
     - attention_fgrad: the same mean, each token weighted by ``importance`` ([B, T]).
     An example with no unmasked token scores NaN (it has no signal; the teacher never selects it).
     """
@@ -126,9 +127,10 @@ def example_scores(signal: str, token_ce: torch.Tensor, labels: torch.Tensor,
     if signal == "loss":
         total = torch.where(mask, token_ce.float(), torch.zeros((), device=token_ce.device)).sum(-1)
         return total / n
-    if logits is None:
-        raise ValueError(f"signal {signal!r} needs the logits")
-    g2 = token_grad_sq_norm(logits, labels, chunk_tokens)
+    if g2 is None:
+        if logits is None:
+            raise ValueError(f"signal {signal!r} needs the logits")
+        g2 = token_grad_sq_norm(logits, labels, chunk_tokens)
     if signal == "fgrad_norm":
         return torch.sqrt(g2.sum(-1) / n)
     if signal == "attention_fgrad":

@@ -46,10 +46,12 @@ Writes, per corpus, ``ttq.json`` (every run's curve and numbers, and everything 
 ``ttq.md`` and ``ttq.png`` (into OUT/<corpus>/, or OUT itself with --data), and over corpora
 ``summary.md`` / ``summary.json`` in OUT (one row per policy: worst corpus and mean over corpora).
 Each run's files, its stdout and stderr in ``log.txt``, stay in ``<corpus dir>/<arm>/seed<S>/``.
-A failed run stops the benchmark with its exit code; ``--deadline`` / ``--kill-after`` end a call
-in time and report what finished; ``--resume`` then reuses every run that finished with the
-identical config and command; ``--reanalyze`` only rebuilds the reports. ``--nproc N`` launches
-each run on N ranks through ``torchrun``.
+With ``--gpus`` runs go side by side, launched ``--start-gap`` seconds apart (a run that hits
+streaming's shared-memory race at start is launched again). A failed run stops the benchmark with
+its exit code; ``--deadline`` / ``--kill-after`` end a call in time and report what finished;
+``--resume`` then reuses every run that finished with the identical config and command (paths
+of this machine aside); ``--reanalyze`` only rebuilds the reports. ``--nproc N`` launches each
+run on N ranks through ``torchrun``.
 """
 from __future__ import annotations
 
@@ -120,8 +122,11 @@ TARGET_ARM = "full@1.0"
 CONTROL = "random"       # the budget-matched control every policy is compared with
 STEP_TOLERANCE = 0.01    # a policy within 1% of the control's steps counts as the same budget
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-_STARTED = re.compile(r"planned \d+ steps")  # the job's start line, printed once its data is open
-START_TIMEOUT_S = 300.0
+# Streaming registers a dataset's shared memory without a lock: two jobs of one node opening
+# datasets at the same instant can pick the same name, and one fails with this error at start.
+_SHM_CLASH = re.compile(r"FileExistsError: \[Errno 17\] File exists: '/?\d{6}_\w+'")
+SHM_RETRIES = 2
+START_GAP_S = 2.0  # default seconds between two launches of --gpus slots
 KILL_GRACE_S = 10.0
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
@@ -794,15 +799,12 @@ class Run:
         except (OSError, ValueError, RuntimeError):
             return False
 
-    def execute(self, gpu: Optional[str] = None, start_gate: Optional[threading.Lock] = None,
+    def execute(self, gpu: Optional[str] = None, spacer: Optional["LaunchSpacer"] = None,
                 kill_at: Optional[float] = None) -> int:
         """Run the job (stdout and stderr into log.txt); returns its exit code.
 
         ``gpu``: the CUDA device(s) the run may see (CUDA_VISIBLE_DEVICES), for ``--gpus``.
-        ``start_gate``: held from the launch until the job has opened its datasets (its log shows
-        the "planned N steps" line) or exited: streaming registers a dataset's shared memory
-        without a lock, so two jobs of one node opening datasets at the same instant can both
-        claim the same segment and one fails with FileExistsError.
+        ``spacer``: spaces the launches of runs side by side (see :class:`LaunchSpacer`).
         ``kill_at``: a time.monotonic() value at which a run still going is terminated
         (``killed`` set; its directory then holds no run.json, so --resume runs it again)."""
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -821,18 +823,20 @@ class Run:
         with open(self.log, "w") as fh:
             fh.write("$ " + " ".join(launch) + "\n")
             fh.flush()
+            if spacer is not None:
+                spacer.wait()
             proc = subprocess.Popen(launch, stdout=fh, stderr=subprocess.STDOUT, env=env)
-            if start_gate is not None:
-                with start_gate:
-                    deadline = time.monotonic() + START_TIMEOUT_S
-                    while (proc.poll() is None and time.monotonic() < deadline
-                           and (kill_at is None or time.monotonic() < kill_at)
-                           and not _STARTED.search(self.log.read_text(errors="replace"))):
-                        time.sleep(0.5)
             rc = self._wait(proc, kill_at)
         if rc == 0 and not self.killed:
             (self.dir / "run.json").write_text(json.dumps(self.spec, indent=1) + "\n")
         return rc
+
+    def shm_clash(self) -> bool:
+        """The run failed at start on streaming's shared-memory race (safe to launch again)."""
+        try:
+            return bool(_SHM_CLASH.search(self.log.read_text(errors="replace")))
+        except OSError:
+            return False
 
     def _wait(self, proc: subprocess.Popen, kill_at: Optional[float]) -> int:
         while True:
@@ -920,6 +924,28 @@ def make_reference(args: argparse.Namespace, corpus: Corpus) -> ReferenceRun:
 # --------------------------------------------------------------------------------------------
 # running the plan
 
+class LaunchSpacer:
+    """At least ``gap`` seconds between two launches of runs side by side.
+
+    Starting runs together makes their streaming datasets more likely to register shared memory
+    at the same instant (a loud FileExistsError, after which the run is launched again, see
+    :func:`execute_plan`). A gap of a few seconds spreads the moments the jobs open their data,
+    while the jobs' start-up (imports, DeepSpeed, model: tens of seconds) still overlaps.
+    """
+
+    def __init__(self, gap: float):
+        self.gap = gap
+        self._lock = threading.Lock()
+        self._last = -math.inf
+
+    def wait(self) -> None:
+        with self._lock:
+            delay = self._last + self.gap - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self._last = time.monotonic()
+
+
 @dataclass
 class Limits:
     """When a call must end: ``deadline`` seconds after ``start`` no run starts any more;
@@ -950,15 +976,17 @@ class Outcome:
 
 def execute_plan(plan: Sequence[Run], on_done: Callable[[Run], str], resume: bool,
                  gpu_slots: Optional[Sequence[str]] = None, limits: Optional[Limits] = None,
-                 outcome: Optional[Outcome] = None) -> Outcome:
+                 outcome: Optional[Outcome] = None, start_gap: float = START_GAP_S) -> Outcome:
     """Run (or, with ``resume``, reuse) the runs of the plan in order; ``on_done(run)`` loads a
     finished run and returns the words for its progress line.
 
     Without ``gpu_slots`` runs go one after another. With slots, each slot (a CUDA device list)
     takes the next runnable run in plan order as soon as it is free, so several runs share the
     machine; their wall-clock times then include that sharing, while steps and losses do not
-    depend on it. A run whose ``needs`` (its reference scores) have not finished waits while
-    they run and is left out when they cannot finish.
+    depend on it. Launches are ``start_gap`` seconds apart, and a run that failed on
+    streaming's shared-memory race at start is launched again (up to SHM_RETRIES times). A run
+    whose ``needs`` (its reference scores) have not finished waits while they run and is left
+    out when they cannot finish.
 
     ``limits``: after its deadline no run starts; at its kill time running runs are terminated;
     a run whose earlier seeds took longer than the time left before the kill is not started.
@@ -968,7 +996,7 @@ def execute_plan(plan: Sequence[Run], on_done: Callable[[Run], str], resume: boo
     out = outcome or Outcome()
     limits = limits or Limits(time.monotonic())
     cond = threading.Condition()
-    start_gate = threading.Lock() if gpu_slots else None
+    spacer = LaunchSpacer(start_gap) if gpu_slots else None
     total = len(plan)
     queue: list[tuple[int, Run]] = []
     lost: set = set()
@@ -1050,7 +1078,13 @@ def execute_plan(plan: Sequence[Run], on_done: Callable[[Run], str], resume: boo
             with cond:
                 print(f"{tag}: running{where}, log {run.log}", flush=True)
             start = time.monotonic()
-            rc = run.execute(gpu, start_gate, limits.kill_at)
+            for attempt in range(SHM_RETRIES + 1):
+                rc = run.execute(gpu, spacer, limits.kill_at)
+                if rc == 0 or run.killed or attempt == SHM_RETRIES or not run.shm_clash():
+                    break
+                with cond:
+                    print(f"{tag}: streaming's shared memory clashed with another run's at "
+                          f"start (FileExistsError); launching it again", flush=True)
             took = time.monotonic() - start
             with cond:
                 state["running"] -= 1
@@ -1309,10 +1343,16 @@ def markdown(arms: Sequence[Arm], result: dict, corpus: str = "",
                                f"{p['loss']:.4f}" for p in result["frontier"]["points"]) + ".")
     ref = result.get("reference")
     if ref:
-        lines += ["", f"Reference model ({ref['reference_model']}, for RHO-LOSS arms): "
+        h = ref.get("holdout") or {}
+        held = (f", trained on {h['sequences']} validation sequences from index {h['skip']} on"
+                if h else "")
+        lines += ["", f"Reference model ({ref['reference_model']}, for RHO-LOSS arms{held}): "
                   f"{ref['steps']:,.1f} optimizer-step equivalents of compute "
                   f"({ref['token_steps']:,.1f} counting its tokens as the job's), "
                   f"{ref['seconds']:,.1f} s; counted in the cost-counted columns."]
+    elif any(a.needs_reference for a in arms):
+        lines += ["", "Reference model: no reference.json found, so its cost is not counted "
+                  "(the cost-counted columns equal the plain ones)."]
     lines += ["", "Compute clock: optimizer steps. Saving at final loss = 1 − steps / steps the "
               "full-data frontier needs for the arm's final loss (out of range: that loss lies "
               "outside the baselines' losses); the wall-clock version beside it uses training "
@@ -1541,6 +1581,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "one GPU): run that many runs at once, each on its own device(s); with "
                         "--nproc N each slot is N devices (e.g. 0+1,2+3). Default: one run at a "
                         "time on what the job sees")
+    p.add_argument("--start-gap", type=float, default=START_GAP_S,
+                   help="seconds between two launches with --gpus (runs then start up side by "
+                        "side; a run that hits streaming's start-up race is launched again)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds after the start after which no run starts; running ones finish "
                         "(or are killed at --kill-after), then the reports cover what finished")
@@ -1584,6 +1627,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.data = str(args.corpus_list[0].path) if args.corpora is None else None
     if args.nproc < 1:
         p.error("--nproc must be >= 1")
+    if not args.start_gap >= 0:
+        p.error(f"--start-gap: got {args.start_gap}; allowed: seconds >= 0")
     for flag in ("deadline", "kill_after"):
         v = getattr(args, flag)
         if v is not None and not v > 0:
@@ -1671,7 +1716,8 @@ def main(argv=None) -> int:
                 print(f"[ttq] {run.label}: left out ({exc})", flush=True)
     else:
         limits = Limits(time.monotonic(), args.deadline, args.kill_after)
-        execute_plan([*refs, *plan], on_done, args.resume, args.gpu_slots, limits, outcome)
+        execute_plan([*refs, *plan], on_done, args.resume, args.gpu_slots, limits, outcome,
+                     args.start_gap)
         if outcome.rc != 0:
             return outcome.rc
 

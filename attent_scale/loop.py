@@ -74,6 +74,14 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
                         "trained from fresh weights")
     p.add_argument("--init-from", default=None,
                    help="a save_pretrained directory to continue pretraining from")
+    p.add_argument("--loss-kernel", default="auto",
+                   choices=["auto", "logits", "torch", "chunked", "compiled", "liger", "cce"],
+                   help="how the training loss (and the teacher's scores) are computed: 'logits' "
+                        "materialises [batch, seq, vocab] logits; the others are per-token losses "
+                        "straight from the hidden states (attent_scale/fused_loss.py); 'auto': "
+                        "the fastest fused kernel on a GPU, 'logits' on a CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder block (pays a compile time at start)")
     p.add_argument("--reference-scores", default=None,
                    help="per-sample reference scores (.npy, one float per training sample) for "
                         "'score: reducible' (RHO-LOSS); see tools/reference_scores.py")
@@ -333,6 +341,7 @@ class Job:
     planned: int
     ckpt: Path
     saved: Optional[dict]     # the trainer state of the checkpoint to resume, if any
+    kernel: str = "logits"    # how training forwards compute their loss (--loss-kernel)
 
     @property
     def fresh_progress(self) -> Progress:
@@ -374,11 +383,59 @@ def open_job(args, name: str, attent, micro: int, global_batch: int, comm, devic
         model = build_model(args.model, meta["vocab_size"], meta["seq_len"], args.seed,
                             model_config=args.model_config, init_from=args.init_from)
         teaching.watch(model)
+        kernel = loss_kernel(args.loss_kernel, model, attent, device)
     except (ModelError, ConfigError) as exc:
         raise SystemExit(f"{name}: {exc}") from None
+    if args.compile:
+        from .model import compile_blocks
+        print0(f"torch.compile: {compile_blocks(model)} decoder blocks")
     planned = max(1, math.floor(teaching.planned_steps() * args.budget_fraction))
     return Job(args, name, comm, device, out, meta, train_ds, val_ds, model, teaching, micro,
-               planned, ckpt, saved)
+               planned, ckpt, saved, kernel)
+
+
+def loss_kernel(choice: str, model, attent, device) -> str:
+    """The job's loss path: 'logits', or a fused kernel's name after enabling it on the model.
+
+    A fused kernel never materialises the logits; the signals that need the output head's own
+    forward (``grad_norm`` with the head among its layers) keep the logits path.
+    """
+    from .config import ConfigError
+    from .fused_loss import FusedLossError, enable_token_losses
+    if choice == "auto":
+        if device.type != "cuda":
+            return "logits"  # the fused kernels need CUDA; on a CPU the plain path is fastest
+        if attent is not None and attent.signal == "grad_norm" and attent.grad_norm.include_head:
+            print0("loss kernel: 'logits' (signal grad_norm hooks the output head's forward)")
+            return "logits"
+    if choice == "logits":
+        return choice
+    if attent is not None and attent.signal == "grad_norm" and attent.grad_norm.include_head:
+        raise ConfigError(f"--loss-kernel {choice}: signal grad_norm with grad_norm.include_head "
+                          "needs the output head's forward; fix: --loss-kernel logits, or "
+                          "attent.grad_norm.include_head: false")
+    try:
+        enable_token_losses(model, choice)
+    except FusedLossError as exc:
+        if choice != "auto":
+            raise ConfigError(f"--loss-kernel {choice}: {exc}") from None
+        print0(f"loss kernel: 'logits' ({exc})")
+        return "logits"
+    return choice
+
+
+def train_forward(model, ids, tokens: torch.Tensor, teaching: Teaching, kernel: str):
+    """One micro batch's forward through ``model`` (the engine or the sharded module), the
+    teacher's books, and the loss to backpropagate."""
+    if kernel == "logits":
+        with teaching.recording():
+            logits = model(input_ids=tokens).logits
+        return teaching.update(ids, logits=logits, labels=tokens)
+    cfg = teaching.cfg
+    fgrad = (teaching.wants_scores() and cfg.signal in ("fgrad_norm", "attention_fgrad"))
+    with teaching.recording():
+        out = model(input_ids=tokens, token_losses=True, fgrad=fgrad)
+    return teaching.update(ids, token_losses=out.ce, labels=out.labels, fgrad_sq=out.fgrad_sq)
 
 
 def run_identity(args, micro: int, train_ds) -> dict:

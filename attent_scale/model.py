@@ -112,11 +112,33 @@ def build_model(shape: str, vocab_size: int, seq_len: int, seed: int,
     # Model init is user territory; the teacher itself never touches a global RNG.
     torch.manual_seed(seed)
     if init_from:
-        return AutoModelForCausalLM.from_pretrained(str(Path(init_from).expanduser()),
-                                                    local_files_only=True,
-                                                    attn_implementation=attn_implementation,
-                                                    torch_dtype=torch.float32)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(str(Path(init_from).expanduser()),
+                                                     local_files_only=True,
+                                                     attn_implementation=attn_implementation,
+                                                     torch_dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    # Training forwards would otherwise build a key/value cache that nothing reads.
+    model.config.use_cache = False
+    return model
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` each decoder block in place (the longest ModuleList); returns how many.
+
+    Block by block rather than the whole model: compile time stays short and the parts the
+    teacher hooks (attention probes, the loss kernel) keep running as they are.
+    """
+    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)),
+                 key=len, default=None)
+    if not blocks:
+        return 0
+    import torch._dynamo
+    # One graph per distinct micro batch shape (training, evaluation, pool passes).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
 
 
 def describe(model: torch.nn.Module) -> str:

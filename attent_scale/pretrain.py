@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from . import deepspeed_plugin as dsp
     from .comm import make_comm, shutdown
-    from .loop import Progress, Run, local_device, open_job, resume_elastic
+    from .loop import Progress, Run, local_device, open_job, resume_elastic, train_forward
     from .monitor import open_monitor
     from .teaching import print0
 
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     print0(f"model {args.model_config or args.init_from or args.model}: "
            f"{n_params / 1e6:.2f}M parameters; {job.meta['num_train']} train sequences of "
            f"{job.meta['seq_len']} tokens; world {comm.world}, micro batch {micro}, global batch "
-           f"{global_batch}; teacher {'on' if attent else 'off'}; planned {planned} steps")
+           f"{global_batch}; teacher {'on' if attent else 'off'}; loss {job.kernel}; "
+           f"planned {planned} steps")
 
     # -- resume ---------------------------------------------------------------------------------
     prog, saved = job.fresh_progress, job.saved
@@ -94,9 +95,7 @@ def main(argv=None) -> int:
         for batch in DataLoader(job.train_ds, batch_size=micro, num_workers=args.workers):
             ids = batch["id"].numpy()
             tokens = batch[column].to(device=device, dtype=torch.long)
-            with teaching.recording():
-                logits = engine(input_ids=tokens).logits
-            loss = teaching.update(ids, logits=logits, labels=tokens)
+            loss = train_forward(engine, ids, tokens, teaching, job.kernel)
             # DeepSpeed accumulates over the window itself: its step() only steps at the end.
             engine.backward(loss)
             engine.step()

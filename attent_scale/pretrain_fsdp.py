@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from torch.utils.data import DataLoader
 
     from .comm import make_comm, shutdown
-    from .loop import Progress, Run, local_device, open_job
+    from .loop import Progress, Run, local_device, open_job, train_forward
     from .monitor import open_monitor
     from .teaching import print0
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
            f"{n_params / 1e6:.2f}M parameters (FSDP2 over {world} ranks); "
            f"{job.meta['num_train']} train sequences of {job.meta['seq_len']} tokens; micro "
            f"batch {micro}, global batch {global_batch}; teacher {'on' if attent else 'off'}; "
-           f"planned {planned} steps")
+           f"loss {job.kernel}; planned {planned} steps")
 
     # -- resume ---------------------------------------------------------------------------------
     prog, saved = job.fresh_progress, job.saved
@@ -101,9 +101,7 @@ def main(argv=None) -> int:
             # Inside an accumulation window gradients stay local (unsharded) and are
             # reduce-scattered once, on the window's last backward.
             model.set_requires_gradient_sync(last_micro)
-            with teaching.recording():
-                logits = model(input_ids=tokens).logits
-            loss = teaching.update(ids, logits=logits, labels=tokens)
+            loss = train_forward(model, ids, tokens, teaching, job.kernel)
             (loss / gas).backward()  # the mean over the window, as DeepSpeed's backward does
             run.trained(p, ids, tokens)
             if not last_micro:

@@ -271,13 +271,16 @@ class Teaching:
             yield
 
     def scores(self, token_losses: torch.Tensor, labels: torch.Tensor,
-               logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+               logits: Optional[torch.Tensor] = None,
+               fgrad_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-example scores [B] of the configured signal from one recorded forward.
 
         ``token_losses`` [B, T] and ``labels`` [B, T] (-100 where a token does not count) are
         aligned with ``logits`` [B, T, V] (the positions that predict them), which only
-        ``fgrad_norm`` and ``attention_fgrad`` need. For ``grad_norm`` in a training step the
-        scores fill in place during the backward; in a pool pass they are computed here.
+        ``fgrad_norm`` and ``attention_fgrad`` need, unless a fused loss kernel gives their
+        per-token ``fgrad_sq`` (||softmax - onehot||^2) directly. For ``grad_norm`` in a
+        training step the scores fill in place during the backward; in a pool pass they are
+        computed here.
         """
         cfg = self.cfg
         if cfg.signal == "grad_norm":
@@ -285,7 +288,7 @@ class Teaching:
             if self._grad_pool:
                 return self.probe.score_now(token_losses, mask)
             return self.probe.attach(token_losses, mask)
-        if cfg.signal != "loss" and logits is None:
+        if cfg.signal != "loss" and logits is None and fgrad_sq is None:
             raise ConfigError(f"attent.signal: got {cfg.signal!r}, which needs the logits; this "
                               "loop passes per-token losses only; fix: pass logits= or use "
                               "signal 'loss'")
@@ -295,18 +298,19 @@ class Teaching:
         with torch.no_grad():
             return example_scores(cfg.signal, token_losses.detach(), labels,
                                   None if logits is None else logits.detach(), importance,
-                                  cfg.score_chunk_tokens)
+                                  cfg.score_chunk_tokens, g2=fgrad_sq)
 
     def update(self, ids, losses: Optional[torch.Tensor] = None, *,
                logits: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-               token_losses: Optional[torch.Tensor] = None) -> torch.Tensor:
+               token_losses: Optional[torch.Tensor] = None,
+               fgrad_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Book one micro batch this rank trains; returns the loss to backpropagate.
 
         Give one of: ``losses`` [B] (per-example losses with grad); ``logits`` [B, T, V] +
         ``labels`` [B, T] in the Hugging Face convention (aligned with the inputs, -100 where a
         token neither trains nor scores; shifted here); or ``token_losses`` [B, T'] + ``labels``
-        [B, T'] already aligned (0 where the label is -100), with ``logits`` [B, T', V] aligned
-        with them when the signal needs logits. The returned loss is the mean over the batch of
+        [B, T'] already aligned (0 where the label is -100), with ``logits`` [B, T', V] (or a
+        fused kernel's per-token ``fgrad_sq``) aligned with them when the signal needs logits. The returned loss is the mean over the batch of
         each example's mean token loss, times its selection weight where the selection
         rescales. Scores go to the teacher when training forwards score.
         """
@@ -330,7 +334,7 @@ class Teaching:
             elif labels is None:
                 raise TypeError("update(token_losses=...) needs labels= (aligned, -100 where a "
                                 "token does not count)")
-            self.observe(ids, token_losses, labels, logits)
+            self.observe(ids, token_losses, labels, logits, fgrad_sq)
             maskf = (labels != IGNORE_INDEX).to(token_losses.dtype)
             per_example = (token_losses * maskf).sum(dim=1) / maskf.sum(dim=1).clamp_min(1)
         weights = self.teacher.weights_for(ids)
@@ -340,13 +344,14 @@ class Teaching:
         return per_example.mean()
 
     def observe(self, ids, token_losses: torch.Tensor, labels: torch.Tensor,
-                logits: Optional[torch.Tensor] = None) -> None:
+                logits: Optional[torch.Tensor] = None,
+                fgrad_sq: Optional[torch.Tensor] = None) -> None:
         """Book one micro batch this rank trains, its loss built by the caller: the scores of
         its aligned ``token_losses`` / ``labels`` (and ``logits`` where the signal needs them)
         go to the teacher when training forwards score."""
         ids = _as_ids(ids)
         if self.wants_scores():
-            self._keep(ids, self.scores(token_losses, labels, logits))
+            self._keep(ids, self.scores(token_losses, labels, logits, fgrad_sq))
         self.trained(len(ids))
 
     def record(self, ids, scores: Union[torch.Tensor, np.ndarray]) -> None:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -167,6 +168,9 @@ def peak_tflops(args, device) -> Optional[float]:
 
 # -- what is timed ----------------------------------------------------------------------------------
 
+TEACH_SAMPLES = 1 << 16  # ids the teacher-on step books its batches under
+
+
 @dataclass
 class Trainer:
     """One model with its optimizer: a DeepSpeed engine, or the plain PyTorch reference loop."""
@@ -177,7 +181,19 @@ class Trainer:
     optimizer: object = None        # reference loop only
     static_bytes: int = 0           # parameters, gradients and optimizer state after warm-up
     warmed: bool = False
-    kept: list = field(default_factory=list)
+    teachings: dict = field(default_factory=dict)
+    calls: int = 0
+
+    def teaching_for(self, signal: str, micro: int):
+        """A teacher (attent-soft, free scores of ``signal``) as the job runs it, one rank."""
+        key = (signal, micro)
+        if key not in self.teachings:
+            from attent_scale import Teaching
+            from attent_scale.comm import LocalComm
+            self.teachings[key] = Teaching({"preset": "attent-soft", "signal": signal},
+                                           TEACH_SAMPLES, 2, micro, comm=LocalComm(),
+                                           announce=False)
+        return self.teachings[key]
 
     def step(self, tokens, loss_path: str, impl: Optional[str] = None,
              signal: Optional[str] = None, cache: bool = True) -> None:
@@ -197,17 +213,23 @@ class Trainer:
                 logits = None
                 out = net(input_ids=tokens, token_losses=True, impl=impl,
                           fgrad=signal == "fgrad_norm")
-            loss = out.ce.mean(dim=1).mean()
-        if signal:
-            # The free scores the teacher records, detached and left on the device (the job
-            # copies them to the host in bulk at points that synchronise anyway).
-            if logits is not None:  # today's way: from the materialised logits
-                scores = example_scores(signal, ce.detach(), labels, logits.detach()[:, :-1])
+            if signal:
+                # The teacher-on job's step: the public Teaching books the batch (free scores
+                # kept on the device, flushed in bulk as the job does every 10 steps) and
+                # returns the loss to backpropagate.
+                teaching = self.teaching_for(signal, tokens.shape[0])
+                ids = (np.arange(tokens.shape[0]) + self.calls * tokens.shape[0]) % TEACH_SAMPLES
+                self.calls += 1
+                if logits is not None:
+                    loss = teaching.update(ids, logits=logits, labels=tokens)
+                else:
+                    loss = teaching.update(ids, token_losses=out.ce, labels=out.labels,
+                                           fgrad_sq=out.fgrad_sq)
+                if self.calls % 10 == 0:
+                    teaching.flush()
+                    teaching.last_scores.clear()
             else:
-                scores = fused_loss.scores_from_token_losses(out, signal)
-            self.kept.append(scores)
-            if len(self.kept) > 64:
-                self.kept.clear()
+                loss = out.ce.mean(dim=1).mean()
         if self.engine is not None:
             self.engine.backward(loss)
             self.engine.step()
@@ -383,7 +405,7 @@ def release(*trainers: Optional[Trainer]) -> None:
             except Exception:  # noqa: BLE001 - best effort: the memory goes with gc below
                 pass
         t.engine = t.optimizer = t.model = None
-        t.kept.clear()
+        t.teachings.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -805,6 +827,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     single_process_env()
     if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         jit_build_env()
     raise_recompile_limit()

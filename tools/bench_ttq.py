@@ -667,7 +667,8 @@ def run_command(args: argparse.Namespace, corpus: Corpus, arm: Arm, seed: int, r
     cmd = ["--deepspeed_config", str(run_dir / "ds_config.json"), "--out", str(run_dir),
            "--data", str(data), "--model", args.model, "--epochs", str(arm.passes(args.epochs)),
            "--seed", str(seed), "--eval-every", str(args.eval_every),
-           "--eval-samples", str(args.eval_samples), "--no-resume"]
+           "--eval-samples", str(args.eval_samples), "--no-resume",
+           "--loss-kernel", args.loss_kernel]
     for flag in ("seq_len", "vocab_size", "max_bytes"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -1567,6 +1568,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--loss-kernel", default="logits",
+                   help="the job's --loss-kernel (default logits: the arms differ in the data "
+                        "they see, not in how the loss is computed)")
     p.add_argument("--eval-every", type=int, default=50,
                    help="optimizer steps between evaluations (the curves' resolution)")
     p.add_argument("--eval-samples", type=int, default=256,

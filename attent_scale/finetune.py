@@ -82,15 +82,21 @@ def stop_after(steps: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .startup import quiet_known_warnings, skip_shm_allreduce
+    quiet_known_warnings()  # before DeepSpeed is imported: it warns while it is imported
     import torch
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     from . import instruct
-    from .comm import shutdown
+    from .comm import make_comm, shutdown
     from .gsm8k import load_causal_lm
     from .hf_trainer import AttentTrainer
+    from .runlock import lock_output_dir
+    from .streaming_data import adopt_launcher_env, shared_memory_session
 
+    if args.deepspeed:
+        skip_shm_allreduce()  # before TrainingArguments starts DeepSpeed: training needs only gloo
     out = Path(args.out)
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio there).
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -108,14 +114,16 @@ def main(argv=None) -> int:
         dataloader_num_workers=args.workers, remove_unused_columns=False,
     )
     rank = int(os.environ.get("RANK", 0))
+    comm = make_comm()  # TrainingArguments has started the process group
+    out.mkdir(parents=True, exist_ok=True)
+    lock_output_dir(out, comm, "attent-finetune")  # a second job on this --out stops, exit code 2
 
     # -- data ---------------------------------------------------------------------------------
-    if instruct.read_meta(args.train)["format"] == "mds":
-        from .streaming_data import adopt_launcher_env, clean_shared_memory
-        adopt_launcher_env()
-        clean_shared_memory()  # collective; a crashed run's segments would block streaming
-    train_ds = instruct.load(args.train, micro_batch=args.batch_size, shuffle_seed=args.seed)
-    eval_ds = instruct.load(args.eval) if args.eval else None
+    adopt_launcher_env()
+    with shared_memory_session(comm) as track:  # MDS data: other jobs' shared memory stays
+        train_ds = track(instruct.load(args.train, micro_batch=args.batch_size,
+                                       shuffle_seed=args.seed))
+        eval_ds = track(instruct.load(args.eval)) if args.eval else None
     tokenizer = instruct.load_tokenizer(args.model)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 

@@ -96,9 +96,11 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
     p.add_argument("--stop-after", type=int, default=0,
                    help="save and exit after this many optimizer steps (tests resume)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    p.add_argument("--shm-clean", action="store_true",
+                   help="also unlink every other streaming shared-memory segment on this node at "
+                        "start, live jobs' included (default: only those of ended attent jobs)")
     p.add_argument("--no-shm-clean", action="store_true",
-                   help="leave streaming's shared memory alone at start: another streaming job "
-                        "runs on this node (each such job must read its own --data path)")
+                   help="leave all streaming shared memory on this node alone at start")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
     p.add_argument("--log-ids", action="store_true",
                    help="write the sample ids each rank trains to out/ids.rank<R>.jsonl")
@@ -168,6 +170,8 @@ def start_job(args, job: str):
         raise SystemExit(f"{job}: {args.deepspeed_config}: {exc}") from None
     single_process_env()
     adopt_launcher_env()
+    from .startup import quiet_known_warnings
+    quiet_known_warnings()  # before DeepSpeed is imported: it warns while it is imported
     if args.remote:
         try:
             check_remote(args.remote)
@@ -281,20 +285,20 @@ def open_data(args, comm, micro: int, canonical_nodes: Optional[int] = None):
     """
     from streaming import StreamingDataset
 
-    from .streaming_data import SubsetStreamingDataset, clean_shared_memory
+    from .streaming_data import SubsetStreamingDataset, shared_memory_session
     meta = prepare_data(args, comm)
     check_corpus(Path(args.data), meta, remote=bool(args.remote))
-    if not args.no_shm_clean:
-        # Streaming's cleanup unlinks every segment it finds, a live job's included.
-        clean_shared_memory()  # collective: every rank calls it
     remote = (lambda split: f"{args.remote.rstrip('/')}/{split}") if args.remote else \
         (lambda split: None)
     extra = {} if canonical_nodes is None else {"num_canonical_nodes": canonical_nodes}
-    train_ds = SubsetStreamingDataset(local=str(Path(args.data) / "train"),
-                                      remote=remote("train"), batch_size=micro,
-                                      shuffle_seed=args.seed, **extra)
-    val_ds = StreamingDataset(local=str(Path(args.data) / "val"), remote=remote("val"),
-                              batch_size=micro, shuffle=False)
+    # Other jobs on this node keep their shared memory (see streaming_data.py).
+    clean = "none" if args.no_shm_clean else "all" if args.shm_clean else "ended"
+    with shared_memory_session(comm, clean) as track:  # collective
+        train_ds = track(SubsetStreamingDataset(local=str(Path(args.data) / "train"),
+                                                remote=remote("train"), batch_size=micro,
+                                                shuffle_seed=args.seed, **extra))
+        val_ds = track(StreamingDataset(local=str(Path(args.data) / "val"), remote=remote("val"),
+                                        batch_size=micro, shuffle=False))
     return meta, train_ds, val_ds
 
 
@@ -359,9 +363,13 @@ def open_job(args, name: str, attent, micro: int, global_batch: int, comm, devic
     from .checkpoint import read_trainer_state
     from .config import ConfigError
     from .model import ModelError, build_model
+    from .runlock import lock_output_dir
+    from .startup import release_shm_allreduce
     from .teacher import SelectionError
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    release_shm_allreduce(comm)  # collective; first, so that even a refused job leaves nothing
+    lock_output_dir(out, comm, name)  # collective: a second job on this --out stops, exit code 2
     ckpt = out / "checkpoints"
     try:
         saved = None if args.no_resume else read_trainer_state(ckpt)

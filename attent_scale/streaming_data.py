@@ -11,23 +11,194 @@ streaming's partition needs no padding and every selected id is trained exactly 
 """
 from __future__ import annotations
 
+import atexit
+import fcntl
+import json
 import math
 import os
+import random
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 from streaming import StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
+from streaming.base.constant import SHM_TO_CLEAN
+
+# ---- shared memory, with other jobs on the same node ------------------------------------------
+# Streaming keeps each dataset's state in POSIX shared memory named "<prefix>_<what>", where
+# prefix is six digits (streaming/base/shared/prefix.py). Each node's local leader takes the first
+# prefix with no segments and no file locks (in the temporary directory). It registers the prefix
+# by creating "<prefix>_locals", which lists the dataset's local directories. The other ranks look
+# the prefix up in the same way. Two jobs that start at once can both pick one prefix: one of them
+# fails with FileExistsError on "<prefix>_locals", or a rank reads another job's prefix. Streaming's
+# clean_stale_shared_memory() unlinks every segment on the node, live jobs' included. So here:
+# - a node-wide lock serialises registration (open datasets inside :func:`shared_memory_session`);
+# - each registered prefix gets an owner record (the local leader's pid), removed at exit;
+# - at start, only the segments of owners that have ended are removed (a killed job's). Segments
+#   without a record (other programs) are left alone unless the user asks (``--shm-clean``).
+# The lock and the records sit in /dev/shm next to the segments, so every job that sees the
+# segments sees them too (a per-job TMPDIR would not).
+NODE_LOCK = "attent-streaming.lock"
+OWNER_GLOB = "attent-streaming-*.owner"
+CLEAN_MODES = ("ended", "all", "none")
+_LOCK_ATTEMPTS = 3000  # about 10 minutes of 0.05-0.3 s waits
 
 
-def clean_shared_memory() -> None:
-    """Remove shared-memory segments a crashed run left behind (they raise FileExistsError).
+def shm_dir() -> Path:
+    """Where this OS shows POSIX shared memory as files (Linux), else the temporary directory."""
+    d = Path("/dev/shm")
+    if d.is_dir():
+        return d
+    import tempfile
+    return Path(tempfile.gettempdir())
 
-    Collective: every rank calls it before any dataset of the job exists; each node's local rank 0
-    cleans while the others wait, so no rank picks segment names during the cleaning.
+
+def _owner_path(prefix: int) -> Path:
+    return shm_dir() / f"attent-streaming-{prefix:06}.owner"
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:  # another user's file in the sticky /dev/shm
+        return False
+
+
+def clean_shared_memory() -> list[str]:
+    """Remove the shared memory of attent jobs on this node that ended without removing it.
+
+    A job killed by a signal cannot run its exit handlers, so its segments stay. They do not block
+    a new job, which takes the next free prefix, but they hold memory. Segments of live jobs and
+    of other programs are left alone. Returns one line per prefix cleaned. Jobs call it from
+    :func:`shared_memory_session`, on the local leader with registration locked.
     """
-    clean_stale_shared_memory()
+    from .runlock import describe, holder_alive
+    cleaned = []
+    for owner in sorted(shm_dir().glob(OWNER_GLOB)):
+        try:
+            record = json.loads(owner.read_text())
+            prefix = int(record["prefix"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if holder_alive(record) is not False:
+            continue  # alive, or out of sight (another pid namespace): not ours to judge
+        removed = sum(_unlink(shm_dir() / f"{prefix:06}_{name}") for name in SHM_TO_CLEAN)
+        _unlink(owner)
+        cleaned.append(f"removed {removed} shared-memory segments of prefix {prefix:06}, left by "
+                       f"{describe(record, command=False)}, which has ended")
+    return cleaned
+
+
+def _try_node_lock() -> Optional[int]:
+    """The node-wide registration lock (flock), or None while another job holds it."""
+    path = shm_dir() / NODE_LOCK
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: flock needs no more
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except (BlockingIOError, FileNotFoundError):
+        pass  # held; or removed by its holder after our open: try again
+    os.close(fd)
+    return None
+
+
+def _release_node_lock(fd: int) -> None:
+    # Removed while held, so that nothing stays in /dev/shm; a job that opened the old file finds
+    # it gone once it has the lock (the inode check above) and opens the new one.
+    path = shm_dir() / NODE_LOCK
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            _unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+class _Owner:
+    """This job's owner records (local leader only): written at registration, removed at exit,
+    when streaming's own exit handlers unlink the segments."""
+
+    def __init__(self):
+        self.paths: list[Path] = []
+        atexit.register(self.remove)
+
+    def add(self, ds: StreamingDataset) -> StreamingDataset:
+        from .runlock import holder_record
+        prefix = getattr(ds, "_shm_prefix_int", None)
+        if prefix is None:  # another streaming version: nothing to record
+            return ds
+        path = _owner_path(prefix)
+        path.write_text(json.dumps({**holder_record(), "prefix": prefix}))
+        self.paths.append(path)
+        return ds
+
+    def remove(self) -> None:
+        for path in self.paths:
+            _unlink(path)
+        self.paths = []
+
+
+_owner: Optional[_Owner] = None
+
+
+@contextmanager
+def shared_memory_session(comm, clean: str = "ended") -> Iterator[Callable]:
+    """Collective: open this job's StreamingDatasets inside; pass each to the yielded ``track``.
+
+    Each node's local leader holds the node's registration lock from before the cleaning to after
+    the last dataset registered its prefix. The lock is tried without blocking and the ranks
+    agree on the outcome, so jobs spanning several of the same nodes cannot deadlock.
+    ``clean``: "ended" (default) removes the segments of this node's ended attent jobs
+    (:func:`clean_shared_memory`), "all" also every other streaming segment on the node, live
+    jobs' included (streaming's ``clean_stale_shared_memory``), "none" nothing.
+    """
+    global _owner
+    from streaming.base.world import World
+
+    from .teaching import print0
+    if clean not in CLEAN_MODES:
+        raise ValueError(f"clean={clean!r}; allowed: {', '.join(CLEAN_MODES)}")
+    leader = World.detect().is_local_leader
+    jitter = random.Random(os.getpid())  # only spreads the retries of jobs that collide
+    fd = None
+    for attempt in range(_LOCK_ATTEMPTS):
+        fd = _try_node_lock() if leader else None
+        if not comm.max_int(int(leader and fd is None)):
+            break
+        if fd is not None:
+            _release_node_lock(fd)
+            fd = None
+        if attempt == 20:
+            print0(f"waiting for another job on this node to open its datasets "
+                   f"({shm_dir() / NODE_LOCK})")
+        time.sleep(0.05 + 0.25 * jitter.random())
+    else:
+        raise SystemExit(f"another job on this node has held {shm_dir() / NODE_LOCK} for 10 "
+                         "minutes while opening its datasets; if it hangs, stop it")
+    ok = False
+    try:
+        if leader and clean != "none":
+            for line in clean_shared_memory():
+                print(f"note: {line}", flush=True)
+        if clean == "all":
+            from streaming.base.util import clean_stale_shared_memory
+            clean_stale_shared_memory()  # collective: local rank 0 cleans, the others wait
+        comm.barrier()  # no rank looks for a free prefix while its leader cleans
+        if leader and _owner is None:
+            _owner = _Owner()
+        yield (_owner.add if leader else (lambda ds: ds))
+        ok = True
+    finally:
+        if ok:
+            comm.barrier()  # every rank has found its prefixes
+        if fd is not None:
+            _release_node_lock(fd)
 
 
 def adopt_launcher_env() -> None:

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny prepared corpus and a runner for real multi-process training jobs."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -12,6 +13,36 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A subprocess that runs past this is hung, not slow: a 2-core machine that also runs another
+# job or test suite can take several times the usual 15-60 s for one tiny job.
+HANG_TIMEOUT = 900
+
+# DeepSpeed compiles its CPU ops with ninja into TORCH_EXTENSIONS_DIR (default: one directory for
+# every environment of the user). A job or suite of another environment there (another torch,
+# another ninja) takes the build for stale and compiles it again, for minutes each time, under the
+# other's feet. So each environment gets its own cache; jobs the tests start inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    ROOT / ".cache" / "torch_extensions" / hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]))
+
+# A private /dev/shm (and nothing else) in a mount namespace: jobs inside see only each other's
+# shared memory, so a test can count what they leave, and other users' jobs on the machine can
+# neither disturb them nor be disturbed. As root, or as a user mapped to root in a user namespace.
+UNSHARE = ["unshare", "--mount", "--propagation", "private"] + \
+    ([] if os.geteuid() == 0 else ["--map-root-user"])
+PRIVATE_SHM = "mount -t tmpfs -o size=512m tmpfs /dev/shm"
+
+
+def private_shm_or_skip() -> None:
+    try:
+        probe = subprocess.run([*UNSHARE, "sh", "-c", PRIVATE_SHM], capture_output=True,
+                               text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("unshare (util-linux) is missing: the test needs a private /dev/shm")
+    if probe.returncode != 0:
+        pytest.skip("cannot mount a private /dev/shm in a mount namespace "
+                    f"({probe.stderr.strip()}); run as root or enable user namespaces")
+
 
 TINY_DS = {
     "train_micro_batch_size_per_gpu": 8,
@@ -60,27 +91,38 @@ def write_config(path: Path, stage: int = 1, attent: dict | None = None, **overr
     return path
 
 
-def run_job(config: Path, corpus: Path, out: Path, nproc: int = 2, extra: list[str] = (),
-            timeout: int = 240, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """Run the real pretraining entry point with ``nproc`` CPU ranks over gloo."""
+def job_env() -> dict[str, str]:
+    """The environment of a job the tests start: this checkout's package, one thread per rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    return env
+
+
+def job_command(config: Path, corpus: Path, out: Path, nproc: int = 2, extra: list[str] = (),
+                launcher: str = "torchrun") -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of the real pretraining entry point with ``nproc`` CPU ranks."""
     args = ["--deepspeed_config", str(config), "--data", str(corpus), "--out", str(out),
             "--model", "tiny", "--seq-len", "32", "--vocab-size", "512", "--max-bytes", "150000",
             "--eval-samples", "32", "--eval-every", "0", "--log-ids", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("RANK", None)
+    env = job_env()
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), "-m", "attent_scale.pretrain", *args]
     elif launcher == "deepspeed":
-        # The shipped launcher script, with the `deepspeed` launcher installed next to this
-        # interpreter.
-        # Name the launcher rather than putting the venv first on PATH: a PATH change would also
-        # pick another ninja, and two ninjas each rebuild DeepSpeed's CPU op after the other.
+        # The shipped launcher script; it finds the `deepspeed` launcher in VENV.
         env.update(NUM_GPUS=str(nproc), CONFIG=str(config), MASTER_PORT=str(free_port()),
-                   DEEPSPEED=str(Path(sys.executable).with_name("deepspeed")))
+                   VENV=sys.prefix)
+        env.pop("DEEPSPEED", None)
         cmd = ["bash", str(ROOT / "launchers" / "deepspeed" / "pretrain.sh"), *args[2:]]
     else:
         cmd = [sys.executable, "-m", "attent_scale.pretrain", *args]
+    return cmd, env
+
+
+def run_job(config: Path, corpus: Path, out: Path, nproc: int = 2, extra: list[str] = (),
+            timeout: int = HANG_TIMEOUT, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run the real pretraining entry point with ``nproc`` CPU ranks over gloo."""
+    cmd, env = job_command(config, corpus, out, nproc, extra, launcher)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"job failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"

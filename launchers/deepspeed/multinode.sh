@@ -20,7 +20,9 @@
 # NUM_GPUS     processes per node (default: each host's slots)
 # LAUNCHER     how DeepSpeed reaches the other nodes when NODE_RANK is unset: pdsh (default),
 #              openmpi, mpich, impi, mvapich or slurm
-# DEEPSPEED    the deepspeed command (default: deepspeed on PATH)
+# VENV         environment with attent-scale installed (default: .venv of this checkout; else
+#              the commands on PATH)
+# DEEPSPEED    the deepspeed command (default: $VENV/bin/deepspeed, else deepspeed on PATH)
 #
 # Any further arguments go to attent_scale.pretrain (see --help). Give every node the same
 # --out on a shared file system, and with --remote a --data cache on a node-local disk.
@@ -32,7 +34,8 @@ HOSTFILE=${HOSTFILE:-hostfile}
 CONFIG=${CONFIG:-configs/zero1.json}
 MASTER_PORT=${MASTER_PORT:-29500}
 LAUNCHER=${LAUNCHER:-pdsh}
-DEEPSPEED=${DEEPSPEED:-deepspeed}
+source "$(dirname "${BASH_SOURCE[0]}")/../env.sh"
+DEEPSPEED=${DEEPSPEED:-$(project_tool deepspeed)}
 
 if [[ ! -f "$HOSTFILE" ]]; then
     echo "multinode.sh: HOSTFILE=$HOSTFILE does not exist; write one '<host> slots=<n>' line" \

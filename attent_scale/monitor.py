@@ -36,6 +36,8 @@ def open_monitor(ds_config: dict, engine=None):
     import deepspeed
     from deepspeed.monitor.config import get_monitor_config
     from deepspeed.monitor.monitor import MonitorMaster
+    from .startup import skip_shm_allreduce
+    skip_shm_allreduce()
     deepspeed.init_distributed()  # joins the existing process group: the monitor asks its rank
     return MonitorMaster(get_monitor_config(ds_config))
 

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
         micro, global_batch = dsp.global_batch_size(ds_config, int(os.environ["WORLD_SIZE"]))
     except ValueError as exc:
         raise SystemExit(f"attent-pretrain: {args.deepspeed_config}: {exc}") from None
+    from .startup import skip_shm_allreduce
+    skip_shm_allreduce()  # training needs gloo only: no g++ build, no /dev/shm buffers
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     device = local_device()
     comm = make_comm()

@@ -977,7 +977,8 @@ class Outcome:
 
 def execute_plan(plan: Sequence[Run], on_done: Callable[[Run], str], resume: bool,
                  gpu_slots: Optional[Sequence[str]] = None, limits: Optional[Limits] = None,
-                 outcome: Optional[Outcome] = None, start_gap: float = START_GAP_S) -> Outcome:
+                 outcome: Optional[Outcome] = None, start_gap: float = START_GAP_S,
+                 keep_going: bool = False) -> Outcome:
     """Run (or, with ``resume``, reuse) the runs of the plan in order; ``on_done(run)`` loads a
     finished run and returns the words for its progress line.
 
@@ -992,7 +993,8 @@ def execute_plan(plan: Sequence[Run], on_done: Callable[[Run], str], resume: boo
     ``limits``: after its deadline no run starts; at its kill time running runs are terminated;
     a run whose earlier seeds took longer than the time left before the kill is not started.
     Every run not finished is listed in ``outcome.missing`` with the reason. The first failed
-    run's exit code ends up in ``outcome.rc`` and no new run starts after a failure.
+    run's exit code ends up in ``outcome.rc`` and no new run starts after a failure, unless
+    ``keep_going``: then a failed run is listed as missing and the others go on.
     """
     out = outcome or Outcome()
     limits = limits or Limits(time.monotonic())
@@ -1024,7 +1026,7 @@ def execute_plan(plan: Sequence[Run], on_done: Callable[[Run], str], resume: boo
     def take() -> Optional[tuple[int, Run]]:
         """The next runnable run (lock held), or None when this worker should stop."""
         while True:
-            if out.rc:
+            if out.rc and not keep_going:
                 return None
             now = time.monotonic()
             if limits.no_new_runs(now):
@@ -1097,6 +1099,7 @@ def execute_plan(plan: Sequence[Run], on_done: Callable[[Run], str], resume: boo
                     if not out.rc:
                         out.rc = rc
                     lost.add(run.key)
+                    miss(run, f"failed with exit code {rc}")
                     tail = run.log.read_text(errors="replace").splitlines()[-15:]
                     print("\n".join(tail), file=sys.stderr)
                     print(f"{tag}: FAILED with exit code {rc}; log: {run.log}", file=sys.stderr,
@@ -1568,6 +1571,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a failed run is reported as missing and the others go on (the exit code "
+                        "still says a run failed); default: stop at the first failure")
     p.add_argument("--loss-kernel", default="logits",
                    help="the job's --loss-kernel (default logits: the arms differ in the data "
                         "they see, not in how the loss is computed)")
@@ -1721,8 +1727,8 @@ def main(argv=None) -> int:
     else:
         limits = Limits(time.monotonic(), args.deadline, args.kill_after)
         execute_plan([*refs, *plan], on_done, args.resume, args.gpu_slots, limits, outcome,
-                     args.start_gap)
-        if outcome.rc != 0:
+                     args.start_gap, args.keep_going)
+        if outcome.rc != 0 and not args.keep_going:
             return outcome.rc
 
     results = {}
@@ -1768,7 +1774,7 @@ def main(argv=None) -> int:
         print(f"[ttq] incomplete: {len(outcome.missing)} of {len(plan) + len(refs)} runs missing "
               "(listed in the reports); run the same command with --resume to complete them",
               flush=True)
-    return 0
+    return outcome.rc if args.keep_going else 0
 
 
 if __name__ == "__main__":

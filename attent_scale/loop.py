@@ -318,12 +318,28 @@ def read_reference(path: Optional[str], num_samples: int) -> Optional[np.ndarray
 
 
 def read_sources(train_ds, meta: dict) -> Optional[np.ndarray]:
-    """Per-sample source ids of the training split, when the corpus records them."""
+    """Per-sample source ids of the training split, when the corpus records them.
+
+    attent-prepare writes each source's samples as one block, in source order, and records the
+    blocks' sizes: the ids then come from meta.json (checked at every block's two ends); MDS
+    shards of your own are read sample by sample.
+    """
     if len(meta.get("sources") or []) < 2:
         return None
     column = meta.get("source_column") or "source"
-    return np.fromiter((int(train_ds.get_item(i)[column]) for i in range(train_ds.full_size)),
-                       dtype=np.int64, count=train_ds.full_size)
+    n = train_ds.full_size
+
+    def source_of(i: int) -> int:
+        return int(train_ds.get_item(i)[column])
+
+    counts = [inp.get("num_train") for inp in meta.get("inputs") or []]
+    if counts and all(isinstance(c, int) for c in counts) and sum(counts) == n:
+        ids = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        ends = np.cumsum([0, *counts])
+        if all(source_of(i) == s for s, (lo, hi) in enumerate(zip(ends[:-1], ends[1:]))
+               if hi > lo for i in (lo, hi - 1)):
+            return ids
+    return np.fromiter((source_of(i) for i in range(n)), dtype=np.int64, count=n)
 
 
 # ---- the job ------------------------------------------------------------------------------------

@@ -102,6 +102,10 @@ class Teacher:
         self.sharded = cfg is not None and use_sharding(cfg.selection.sharding,
                                                         cfg.selection.sharding_threshold,
                                                         num_samples, getattr(comm, "world", 1))
+        if sources is None and cfg is not None and cfg.selection.per_source:
+            # No source ids (a corpus of one kind, or a loop that does not say): one source, so
+            # per_source still normalises scores (over everything) and keeps the budget whole.
+            sources = np.zeros(num_samples, dtype=np.int64)
         self.sources = None if sources is None else check_sources(sources, num_samples)
         self.reference = None if reference is None else check_reference(reference, num_samples)
         self._digests = (digest(self.sources), digest(self.reference))
@@ -132,12 +136,6 @@ class Teacher:
     def _refuse_missing_inputs(self, cfg: AttentConfig, world: int) -> None:
         """Config keys this job cannot honour, as one ConfigError (before any model is built)."""
         problems = []
-        if cfg.selection.per_source and self.sources is None:
-            problems.append(
-                "attent.selection.per_source: got true but the job gave the teacher no source "
-                "ids; allowed: true only with Teacher(..., sources=<one int per sample>); fix: "
-                "pass the samples' source ids (e.g. code=0, prose=1) or set "
-                "attent.selection.per_source: false")
         if cfg.selection.per_source and self.sharded:
             why = ("'sharded'" if cfg.selection.sharding == "sharded" else
                    f"'auto', sharded here ({self.n} samples > sharding_threshold "

@@ -721,13 +721,10 @@ def test_missing_inputs_are_refused_at_construction_with_their_keys():
     with pytest.raises(ConfigError) as ei:
         _teacher({"selection": {"per_source": True, "method": "soft"}, "score": "reducible"})
     lines = str(ei.value).splitlines()
-    assert lines[0] == "invalid 'attent' section (2 problems):"
-    assert lines[1].strip().startswith("attent.selection.per_source: got true but the job gave "
-                                       "the teacher no source ids;")
-    assert "fix: pass the samples' source ids" in lines[1]
-    assert lines[2].strip().startswith("attent.score: got 'reducible' but the job gave the "
+    assert lines[0] == "invalid 'attent' section (1 problem):"
+    assert lines[1].strip().startswith("attent.score: got 'reducible' but the job gave the "
                                        "teacher no reference scores;")
-    assert "fix: pass the reference model's per-sample loss" in lines[2]
+    assert "fix: pass the reference model's per-sample loss" in lines[1]
     with pytest.raises(ConfigError, match=r"attent\.selection\.sharding: got 'sharded' but "
                                           r"selection\.per_source needs"):
         _teacher({"selection": {"per_source": True, "sharding": "sharded"}},
@@ -738,6 +735,9 @@ def test_missing_inputs_are_refused_at_construction_with_their_keys():
                 4, G, _TwoRanks(), sources=np.zeros(N, np.int64))
     with pytest.raises(ValueError, match="sources: got an array of shape"):
         _teacher({"selection": {"per_source": True}}, sources=np.zeros(10, np.int64))
+    # per_source without source ids: one source holding every sample
+    one = _teacher({"selection": {"per_source": True, "method": "soft"}})
+    assert one.sources is not None and not one.sources.any()
     # given but unused inputs are fine (recorded in the identity)
     t = _teacher({"preset": "attent-simple"}, sources=np.zeros(N, np.int64),
                  reference=np.zeros(N))

@@ -1,0 +1,104 @@
+"""Tables of the evaluation protocol from several bench_ttq.py calls' final (steps, loss) pairs.
+
+A device call that ends early (its limit, a lost machine) keeps its runs' final figures in its
+log and ttq.json files but not always a report over all of them. This tool joins them and
+applies bench_ttq's own arithmetic (frontiers, paired differences, steps to target):
+
+    python tools/protocol_report.py docs/bench/protocol-2026-12-02.json
+
+The input maps ``"<scale>|<corpus>|<arm>"`` to ``{seed: [optimizer steps, final val loss]}``.
+Per scale and corpus it prints, for every teacher arm: the paired difference of final loss
+against the budget-matched random control at equal steps (negative = better; read on each seed's
+random budgets), the step saving at the arm's final loss against the full-data frontier (built
+from the full@F means), and, where the arm ran at several budgets (ARM@X), the steps its own
+frontier needs to reach full@1.0's mean loss.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_ttq import (build_frontier, frontier_time, paired_difference, saving,  # noqa: E402
+                       steps_to_target)
+
+
+def family(arm: str) -> str:
+    return arm.split("@")[0]
+
+
+def fmt(values: list[float], pct: bool = False) -> str:
+    if not values:
+        return "–"
+    f = (lambda v: f"{v:+.1%}") if pct else (lambda v: f"{v:+.4f}")
+    mean = statistics.fmean(values)
+    return f(mean) if len(values) == 1 else f"{f(mean)} [{f(min(values))}, {f(max(values))}]"
+
+
+def report(runs: dict[str, dict[str, list]]) -> str:
+    table: dict[tuple[str, str], dict[str, dict[int, tuple[float, float]]]] = defaultdict(dict)
+    for key, seeds in runs.items():
+        scale, corpus, arm = key.split("|")
+        table[(scale, corpus)][arm] = {int(s): (float(v[0]), float(v[1])) for s, v in seeds.items()}
+    lines = []
+    for (scale, corpus), arms in sorted(table.items()):
+        full = {a: r for a, r in arms.items() if a.startswith("full@")}
+        means = [(statistics.fmean(v[0] for v in r.values()),
+                  statistics.fmean(v[1] for v in r.values())) for r in full.values() if r]
+        frontier = build_frontier(means)
+        target = statistics.fmean(v[1] for v in full["full@1.0"].values()) \
+            if full.get("full@1.0") else None
+        target_steps = statistics.fmean(v[0] for v in full["full@1.0"].values()) \
+            if full.get("full@1.0") else None
+        control: dict[int, list[tuple[float, float]]] = defaultdict(list)
+        for arm, r in arms.items():
+            if family(arm) == "random":
+                for seed, point in r.items():
+                    control[seed].append(point)
+        lines += [f"## {scale}, {corpus}", "",
+                  f"target: full@1.0 mean loss {target:.4f} at {target_steps:.0f} steps" if target
+                  else "target: no full@1.0 run", "",
+                  "| arm | seeds | final loss | Δ vs random at equal steps | better | saving at "
+                  "final loss | steps to target (own frontier) |", "|---|---|---|---|---|---|---|"]
+        families: dict[str, list[str]] = defaultdict(list)
+        for arm in arms:
+            families[family(arm)].append(arm)
+        for fam, members in sorted(families.items()):
+            if fam == "full":
+                continue
+            base = arms.get(fam, {})
+            diff = paired_difference(base, control) if fam != "random" else None
+            savings = [saving(s, frontier_time(frontier, loss)) for s, loss in base.values()]
+            points = [(statistics.fmean(v[0] for v in arms[m].values()),
+                       statistics.fmean(v[1] for v in arms[m].values())) for m in members
+                      if arms[m]]
+            tt = steps_to_target(points, target, target_steps) if len(members) > 1 else None
+            tt_cell = "–" if tt is None else (
+                f"{tt['steps']:.0f} ({tt['saving']:+.1%})" if tt["steps"] is not None else
+                f"not reached (best {tt['best_loss']:.4f} at {tt['best_steps']:.0f})")
+            diffs = [] if diff is None else [v for v in diff["per_seed"].values() if v is not None]
+            better = "" if diff is None else "{}/{}".format(diff["better"], diff["n"])
+            losses = ", ".join(f"{v[1]:.4f}" for _, v in sorted(base.items()))
+            lines.append(
+                f"| {fam} | {len(base)} | {losses} | "
+                f"{'control' if diff is None else fmt(diffs)} | {better} | "
+                f"{fmt([s for s in savings if s is not None], pct=True)} | {tt_cell} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", help="JSON: '<scale>|<corpus>|<arm>' -> {seed: [steps, loss]}")
+    args = p.parse_args(argv)
+    print(report(json.loads(Path(args.runs).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

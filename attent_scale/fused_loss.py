@@ -67,7 +67,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .signals import IGNORE_INDEX, token_grad_sq_norm
+from .signals import IGNORE_INDEX, example_scores, token_grad_sq_norm
 
 IMPLS = ("auto", "torch", "chunked", "compiled", "liger", "cce")
 # What auto times on CUDA, and which of them can also return fgrad_sq.

@@ -24,7 +24,6 @@ last pass yields nothing.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -32,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .comm import make_comm
-from .config import SECTION, AttentConfig, ConfigError, parse_attent
+from .config import SECTION, AttentConfig, ConfigError, parse_attent, split_deepspeed_config
 from .teaching import Scorer, Teaching
 
 
@@ -66,17 +65,8 @@ def read_section(config: Union[str, Path, dict, AttentConfig, None]) -> Optional
     ``attent`` section itself, or an :class:`AttentConfig`; None when the teacher is off."""
     if config is None or isinstance(config, AttentConfig):
         return config if config is None or config.enabled else None
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: cannot read the config ({exc})") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"{path}: the config must be a JSON object")
-        return parse_attent(config.get(SECTION))
-    if SECTION in config:  # a whole DeepSpeed config
-        return parse_attent(config[SECTION])
+    if isinstance(config, (str, Path)) or SECTION in config:  # a whole DeepSpeed config
+        return split_deepspeed_config(config if isinstance(config, dict) else Path(config))[1]
     return parse_attent(config)
 
 

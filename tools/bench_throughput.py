@@ -57,7 +57,6 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from attent_scale import fused_loss  # noqa: E402
 from attent_scale.model import MODEL_SHAPES, build_model  # noqa: E402
-from attent_scale.signals import example_scores  # noqa: E402
 
 # (seq len, micro batch, other micro batches tried in C, timed rounds, warm-up steps) per shape.
 SHAPE_PLAN = {

@@ -1,5 +1,7 @@
 """Per-example gradient norms of chosen Linear layers, from module hooks (the ``grad_norm`` signal).
 
+Linear means ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed.
+
 Under ZeRO-3 and FSDP ``param.grad`` is partitioned and holds only the sum over the batch, so the
 per-example gradient has to be rebuilt from what each layer sees. For a Linear layer y = x W^T + b
 with input A_b [T, d_in] and output gradient G_b = dL_b/dy [T, d_out] of example b:
@@ -108,15 +110,35 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, has_bias: bool, method: Me
     return sq
 
 
+def is_affine(module: nn.Module) -> bool:
+    """Whether the probe handles ``module``: an ``nn.Linear`` (weight [out, in]) or transformers'
+    ``Conv1D`` (GPT-2's projections: y = x W + b, weight [in, out]).
+
+    Conv1D's per-example weight gradient is A_b^T G_b, the transpose of a Linear's G_b^T A_b, so
+    its norm is the same formula. It is recognised by name and shape attributes: this module stays
+    free of transformers (the pure core).
+    """
+    if isinstance(module, nn.Linear):
+        return True
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nx", None), int)
+            and isinstance(getattr(module, "nf", None), int)
+            and isinstance(getattr(module, "weight", None), nn.Parameter))
+
+
 def select_linears(model: nn.Module, last_blocks: int = 2, include_head: bool = True,
-                   patterns: Sequence[str] = ()) -> dict[str, nn.Linear]:
-    """The Linear layers of the last ``last_blocks`` decoder blocks, the output head and every
-    Linear whose qualified name matches one of ``patterns`` (fnmatch), by name in model order.
+                   patterns: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """The Linear (and Conv1D, see :func:`is_affine`) layers of the last ``last_blocks`` decoder
+    blocks, the output head and every such layer whose qualified name matches one of
+    ``patterns`` (fnmatch), by name in model order.
 
     The decoder blocks are the longest ``nn.ModuleList`` of the model (``model.layers`` in
-    transformers' decoders); the head is ``model.get_output_embeddings()``.
+    transformers' decoders); the head is ``model.get_output_embeddings()``. Raises ValueError
+    naming the ``attent.grad_norm`` key when the model has nothing to select there, or when a
+    selected layer's weight is shared with another module (tied input and output embeddings):
+    the hooks would see only this layer's part of that weight's gradient.
     """
     names = {m: n for n, m in model.named_modules()}
+    what = type(model).__name__
     chosen: set[nn.Module] = set()
     if last_blocks > 0:
         lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
@@ -127,21 +149,41 @@ def select_linears(model: nn.Module, last_blocks: int = 2, include_head: bool = 
         if last_blocks > len(blocks):
             raise ValueError(f"attent.grad_norm.last_blocks: got {last_blocks}; allowed: at most "
                              f"{len(blocks)} (the model's blocks)")
-        for block in list(blocks)[-last_blocks:]:
-            chosen.update(m for m in block.modules() if isinstance(m, nn.Linear))
+        found = {m for block in list(blocks)[-last_blocks:] for m in block.modules()
+                 if is_affine(m)}
+        if not found:
+            raise ValueError(f"attent.grad_norm.last_blocks: the last {last_blocks} blocks of "
+                             f"{what} ({names[blocks]}) hold no nn.Linear or Conv1D layer; set "
+                             "last_blocks to 0 and name layers in modules")
+        chosen.update(found)
     if include_head:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if not isinstance(head, nn.Linear):
-            raise ValueError("attent.grad_norm.include_head: the model has no Linear output head "
-                             "(get_output_embeddings); set include_head to false")
+        if not is_affine(head):
+            raise ValueError("attent.grad_norm.include_head: the model has no Linear or Conv1D "
+                             "output head (get_output_embeddings); set include_head to false")
         chosen.add(head)
     for pattern in patterns:
-        hits = [m for m, n in names.items() if isinstance(m, nn.Linear)
-                and fnmatch.fnmatchcase(n, pattern)]
+        hits = [m for m, n in names.items() if is_affine(m) and fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             raise ValueError(f"attent.grad_norm.modules: pattern {pattern!r} matches no Linear "
                              "layer of the model; check the module names (model.named_modules())")
         chosen.update(hits)
+    if not chosen:
+        raise ValueError("attent.grad_norm: no layer selected (last_blocks 0, include_head false, "
+                         "no modules); select at least one layer")
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(n)
+    for m in chosen:
+        shared = [n for n in owners.get(id(m.weight), []) if n != names[m]]
+        if shared:
+            key = ("attent.grad_norm.include_head" if include_head and
+                   m is model.get_output_embeddings() else "attent.grad_norm")
+            raise ValueError(f"{key}: the weight of {names[m]} in {what} is shared with "
+                             f"{', '.join(shared)} (tied weights, e.g. tie_word_embeddings), "
+                             "whose part of its gradient the hooks cannot see; leave that layer "
+                             "out (include_head: false) or untie the weights")
     return {names[m]: m for m in model.modules() if m in chosen}
 
 

@@ -12,6 +12,8 @@
 
 The corpus's token ids must fit the model's embedding: a model with fewer rows than the corpus's
 ``vocab_size`` is refused (ids past the table crash on CPU and corrupt silently on GPU).
+Its sequences must fit the model's positions (``max_position_embeddings``, GPT-2's
+``n_positions``). Every refusal is one :class:`ModelError` line naming the option and the fix.
 """
 from __future__ import annotations
 
@@ -44,9 +46,18 @@ def _config_path(path: Path) -> Path:
     return path
 
 
+def _read_config(path: Path, flag: str):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{flag} {path}: transformers cannot read it "
+                         f"({str(exc).strip().splitlines()[0]}); give a config.json with a "
+                         "model_type it knows") from None
+
+
 def load_config(model_config: Optional[str] = None, init_from: Optional[str] = None):
     """The transformers config named by ``--model-config`` or ``--init-from`` (None: a shape)."""
-    from transformers import AutoConfig
     if model_config and init_from:
         raise ModelError("--model-config and --init-from both given; --init-from brings its own "
                          "config: drop --model-config")
@@ -55,15 +66,9 @@ def load_config(model_config: Optional[str] = None, init_from: Optional[str] = N
         if not (src / "config.json").is_file():
             raise ModelError(f"--init-from {src}: not a save_pretrained directory (no "
                              "config.json); give the directory model.save_pretrained() wrote")
-        return AutoConfig.from_pretrained(str(src), local_files_only=True)
+        return _read_config(src, "--init-from")
     if model_config:
-        path = _config_path(Path(model_config))
-        try:
-            return AutoConfig.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"--model-config {path}: transformers cannot read it "
-                             f"({str(exc).splitlines()[0]}); give a config.json with a "
-                             "model_type it knows") from None
+        return _read_config(_config_path(Path(model_config)), "--model-config")
     return None
 
 
@@ -86,18 +91,26 @@ def check_fits(config, vocab_size: int, seq_len: int, where: str) -> None:
                          f"{vocab_size} (its tokenizer's ids go up to {vocab_size - 1}); use a "
                          "config with vocab_size >= that, or prepare the corpus with the model's "
                          "own tokenizer (attent-prepare --tokenizer)")
-    positions = (getattr(config, "max_position_embeddings", None)
-                 or getattr(config, "n_positions", None))
-    if positions is not None and positions < seq_len:
-        raise ModelError(f"{where}: the model takes at most {positions} positions but the "
-                         f"corpus's sequences have {seq_len} tokens; prepare the corpus with "
-                         f"--seq-len <= {positions} or raise max_position_embeddings")
+    # GPT-2 calls it n_positions (its config maps max_position_embeddings onto that name).
+    names = (getattr(config, "attribute_map", {}).get("max_position_embeddings",
+                                                       "max_position_embeddings"), "n_positions")
+    key = next((k for k in names if getattr(config, k, None) is not None), None)
+    if key is not None and getattr(config, key) < seq_len:
+        raise ModelError(f"{where}: the model takes at most {getattr(config, key)} positions "
+                         f"({key}) but the corpus's sequences have {seq_len} tokens; prepare the "
+                         f"corpus with --seq-len <= {getattr(config, key)} or raise {key} in the "
+                         "config")
 
 
 def build_model(shape: str, vocab_size: int, seq_len: int, seed: int,
                 model_config: Optional[str] = None, init_from: Optional[str] = None,
-                attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """The causal LM to train (see the module doc); weights from ``seed`` unless loaded."""
+                attn_implementation: Optional[str] = None) -> torch.nn.Module:
+    """The causal LM to train (see the module doc); weights from ``seed`` unless loaded.
+
+    ``attn_implementation`` None: transformers' own choice, SDPA where the model has it, else
+    eager (so a model without SDPA still trains). Raises ModelError (one line) when the model
+    cannot be built or cannot hold the corpus.
+    """
     from transformers import AutoModelForCausalLM
     config = load_config(model_config, init_from)
     where = (f"--init-from {init_from}" if init_from else
@@ -111,13 +124,25 @@ def build_model(shape: str, vocab_size: int, seq_len: int, seed: int,
     check_fits(config, vocab_size, seq_len, where)
     # Model init is user territory; the teacher itself never touches a global RNG.
     torch.manual_seed(seed)
-    if init_from:
-        model = AutoModelForCausalLM.from_pretrained(str(Path(init_from).expanduser()),
-                                                     local_files_only=True,
-                                                     attn_implementation=attn_implementation,
-                                                     torch_dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    try:
+        if init_from:
+            model = AutoModelForCausalLM.from_pretrained(str(Path(init_from).expanduser()),
+                                                         local_files_only=True,
+                                                         attn_implementation=attn_implementation)
+            # Float32 master weights whatever the checkpoint's dtype (DeepSpeed's bf16/fp16
+            # sections decide the compute dtype); the dtype keyword changed name across
+            # transformers versions, a cast does not.
+            model = model.to(torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_config(config,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError) as exc:
+        # Not a causal LM (AutoModelForCausalLM has no class for it), no weights in --init-from,
+        # or an attention implementation the model lacks: one line, not a traceback.
+        raise ModelError(f"{where}: transformers cannot build a {type(config).__name__} causal "
+                         f"LM from it ({str(exc).strip().splitlines()[0]}); give the config "
+                         "of a causal LM (Llama, Mistral, Qwen2, GPT-2, ...) or a complete "
+                         "save_pretrained directory") from None
     # Training forwards would otherwise build a key/value cache that nothing reads.
     model.config.use_cache = False
     return model

@@ -1,5 +1,6 @@
 """The grad_norm signal: per-example gradient norms from hooks equal torch.func's per-example
-gradients (one rank; two ZeRO-3 ranks; two FSDP2 ranks), and the real job runs with it."""
+gradients (one rank, Llama's Linear and GPT-2's Conv1D layers; two ZeRO-3 ranks; two FSDP2 ranks),
+and the real job runs with it."""
 from __future__ import annotations
 
 import json
@@ -118,6 +119,63 @@ def test_selection_errors_name_the_key():
         select_linears(model, last_blocks=3)
     with pytest.raises(ValueError, match="attent.grad_norm.modules: pattern 'nope.*'"):
         select_linears(model, last_blocks=0, patterns=["nope.*"])
+
+
+def tiny_gpt2(tie: bool, dtype=torch.float64, seed=0):
+    """2 blocks of transformers' Conv1D projections (weight [in, out]); no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
+                     attn_implementation="eager")
+    torch.manual_seed(seed)  # model init only
+    return GPT2LMHeadModel(cfg).to(dtype)
+
+
+def test_gpt2_conv1d_layers_match_torch_func():
+    """GPT-2's Conv1D layers (y = x W + b) are scored with the Linear formula, exactly."""
+    model = tiny_gpt2(tie=False)
+    tokens, labels = batch()
+    probe = GradNormProbe(model, last_blocks=1, include_head=True)
+    assert list(probe.layers) == ["transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj",
+                                  "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj",
+                                  "lm_head"]
+    assert type(probe.layers["transformer.h.1.mlp.c_fc"]).__name__ == "Conv1D"
+    ref = reference_norms(model, list(probe.layers), tokens, labels)
+    assert ref.min() > 0 and ref.std() > 0.01 * ref.mean()
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64)
+    for method in ("outer", "gram"):
+        probe.method = method
+        got = probe_norms_free(model, probe, tokens, labels, weights, "weighted-mean")
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+    # The blocks alone (no head): the Conv1D part by itself is exact too, and not the whole.
+    blocks = GradNormProbe(model, last_blocks=2, include_head=False)
+    ref_blocks = reference_norms(model, list(blocks.layers), tokens, labels)
+    got = probe_norms_free(model, blocks, tokens, labels, weights, "token-mean")
+    torch.testing.assert_close(got.double(), ref_blocks, rtol=1e-5, atol=0)
+    assert (ref_blocks - ref).abs().min() > 1e-3
+    probe.remove()
+    blocks.remove()
+
+
+def test_tied_head_and_empty_selection_are_refused_at_start():
+    """GPT-2 ties its head to the input embedding: the hooks would see only the head's part of
+    that weight's gradient, so the default selection is refused when the probe is built (as a
+    ConfigError naming attent.signal and the model), and include_head: false works."""
+    from attent_scale.config import ConfigError, parse_attent
+    from attent_scale.teaching import make_probe
+    model = tiny_gpt2(tie=True, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"attent.grad_norm.include_head: the weight of lm_head "
+                                         r"in GPT2LMHeadModel is shared with transformer.wte"):
+        select_linears(model, last_blocks=1, include_head=True)
+    with pytest.raises(ConfigError, match=r"attent.signal: got 'grad_norm', which "
+                                          r"GPT2LMHeadModel cannot provide .*include_head"):
+        make_probe(model, parse_attent({"signal": "grad_norm"}))
+    probe = make_probe(model, parse_attent({"signal": "grad_norm",
+                                            "grad_norm": {"include_head": False}}))
+    assert len(probe.layers) == 8 and "lm_head" not in probe.layers
+    probe.remove()
+    with pytest.raises(ValueError, match="attent.grad_norm: no layer selected"):
+        select_linears(model, last_blocks=0, include_head=False)
 
 
 def _torchrun(worker_args: list[str], tmp_path) -> dict:

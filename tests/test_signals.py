@@ -294,3 +294,122 @@ def test_attention_importance_bfloat16_inputs():
     out = attention_importance(q, k, 0.5, query_chunk=2)
     assert out.dtype == torch.float32
     assert torch.allclose(out.double(), _reference_importance(q.float(), k.float(), 0.5), atol=1e-5)
+
+
+# ---- the attention probe on real transformers models -----------------------------------------
+
+def _tiny_causal_lm(kind: str, attn: str, seed: int = 0):
+    """A 2-layer model of ``kind`` with the given attention implementation, in eval mode."""
+    from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig,
+                              Qwen2Config)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    cfg = {
+        "gpt2": lambda: GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4),
+        # GPT-2's eager function scales by 1/sqrt(d) / (layer + 1) with this flag; SDPA would not.
+        "gpt2-layer-scaled": lambda: GPT2Config(vocab_size=64, n_positions=32, n_embd=32,
+                                                n_layer=2, n_head=4,
+                                                scale_attn_by_inverse_layer_idx=True),
+        "llama": lambda: LlamaConfig(**common),
+        # A window shorter than the sequence, so the mask is not plain causal.
+        "mistral": lambda: MistralConfig(**common, sliding_window=4),
+        "mistral-no-window": lambda: MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: Qwen2Config(**common),
+    }[kind]()
+    torch.manual_seed(seed)  # model init only
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+def _importance_from_eager_weights(model, tokens, layers):
+    """The reference: the model's own eager attention probabilities (output_attentions), column
+    sums averaged over heads, normalised to mean 1 per sequence, averaged over ``layers``."""
+    with torch.no_grad():
+        attentions = model(input_ids=tokens, output_attentions=True).attentions
+    per_layer = []
+    for layer in layers:
+        col = attentions[layer].double().sum(dim=2).mean(dim=1)  # [B, T]
+        per_layer.append(col / col.mean(dim=-1, keepdim=True))
+    return torch.stack(per_layer).mean(0)
+
+
+@pytest.mark.parametrize("kind, base", [
+    ("gpt2", "sdpa"), ("gpt2", "eager"), ("gpt2-layer-scaled", "eager"),
+    ("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("mistral", "eager"),
+    ("qwen2", "sdpa"), ("qwen2", "eager")])
+def test_attention_probe_on_transformers_models(kind, base):
+    """Through transformers' attention interface, on each architecture: the importance equals
+    the one from the model's own eager attention probabilities (so the scaling, the grouped keys
+    and the sliding-window mask are the model's), and the model's logits are unchanged."""
+    from attent_scale.attention import AttentionImportance
+    tokens = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(5))
+    model = _tiny_causal_lm(kind, base)
+    with torch.no_grad():
+        plain = model(input_ids=tokens).logits
+    probe = AttentionImportance(model, layers=[0, -1], query_chunk=5)
+    with torch.no_grad(), probe.recording():
+        logits = model(input_ids=tokens).logits
+    imp = probe.pop()
+    assert torch.equal(logits, plain)  # the probe only looks
+    assert imp.shape == (3, 12) and torch.isfinite(imp).all()
+    torch.testing.assert_close(imp.mean(-1), torch.ones(3), rtol=0, atol=1e-5)
+    ref = _importance_from_eager_weights(_tiny_causal_lm(kind, "eager"), tokens, [0, 1])
+    torch.testing.assert_close(imp.double(), ref, rtol=0, atol=1e-5)
+    # The check can fail: the layers' attention differs, and differs from uniform.
+    assert (imp - 1).abs().max() > 0.1
+
+
+def test_attention_probe_scaling_and_sliding_window_matter():
+    """The reference above would catch a wrong scale or a missed window: both change it."""
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    layer_scaled = _importance_from_eager_weights(_tiny_causal_lm("gpt2-layer-scaled", "eager"),
+                                                  tokens, [1])
+    plain = _importance_from_eager_weights(_tiny_causal_lm("gpt2", "eager"), tokens, [1])
+    assert (layer_scaled - plain).abs().max() > 1e-3
+    windowed = _importance_from_eager_weights(_tiny_causal_lm("mistral", "eager"), tokens, [0])
+    full = _importance_from_eager_weights(_tiny_causal_lm("mistral-no-window", "eager"),
+                                          tokens, [0])
+    # Token 0 is seen by 4 queries instead of 12: about 1 + 1/2 + 1/3 + 1/4 against ~3.1.
+    assert (full[:, 0] - windowed[:, 0]).min() > 0.5
+
+
+def test_dense_mask_spells_out_what_flash_attention_is_given():
+    """Flash attention gets None or a [B, T] padding mask (and applies causality and the sliding
+    window itself); the probe needs the [B, 1, T, T] form."""
+    from attent_scale.attention import dense_mask
+    t = 6
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    real = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    assert dense_mask(None, t) is None
+    assert dense_mask(None, t, sliding_window=t) is None  # a window this long changes nothing
+    assert torch.equal(dense_mask(None, t, sliding_window=3), ((j <= i) & (i - j < 3))[None, None])
+    expected = (j <= i)[None, None] & real.bool()[:, None, None, :]
+    assert torch.equal(dense_mask(real, t), expected)
+    assert torch.equal(dense_mask(real, t, 3), expected & (i - j < 3))
+    four_d = torch.zeros(2, 1, t, t)
+    assert dense_mask(four_d, t, 3) is four_d  # SDPA and eager masks hold the window already
+    # What the probe computes from the flash form equals what it computes from the dense one.
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(2, 4, t, 8, generator=g), torch.randn(2, 2, t, 8, generator=g)
+    torch.testing.assert_close(attention_importance(q, k, 0.3, dense_mask(real, t, 3)),
+                               attention_importance(q, k, 0.3, expected & (i - j < 3)))
+
+
+def test_attention_probe_refuses_a_model_it_cannot_see_into():
+    """A model whose attention does not go through the attention interface (CTRL) is refused
+    when the probe is built, as a ConfigError naming attent.signal and the model."""
+    from transformers import CTRLConfig, CTRLLMHeadModel
+
+    from attent_scale.attention import AttentionImportance
+    from attent_scale.config import ConfigError, parse_attent
+    from attent_scale.teaching import make_probe
+    model = CTRLLMHeadModel(CTRLConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=2,
+                                       n_head=4, dff=64))
+    with pytest.raises(ValueError, match=r"CTRLLMHeadModel's attention does not go through "
+                                         r"transformers' attention interface"):
+        AttentionImportance(model, [-1])
+    assert model.config._attn_implementation == "eager"  # left as it was
+    with pytest.raises(ConfigError, match=r"attent.signal: got 'attention_fgrad', which "
+                                          r"CTRLLMHeadModel cannot provide"):
+        make_probe(model, parse_attent({"signal": "attention_fgrad"}))
+    with pytest.raises(ValueError, match=r"attent.attention.layers: \[2\] out of range"):
+        AttentionImportance(_tiny_causal_lm("gpt2", "sdpa"), [2])

@@ -156,7 +156,8 @@ def main(argv=None) -> int:
               f"teacher {'on' if trainer.attent_config else 'off'}"
               + (f"; resuming from {resume}" if resume else ""), flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
-    if args.stop_after and trainer.state.global_step < trainer.args.max_steps:
+    # state.max_steps: the plan's length (train() gives the caller's args.max_steps back).
+    if args.stop_after and trainer.state.global_step < trainer.state.max_steps:
         if rank == 0:
             print(f"stopped after step {trainer.state.global_step} (--stop-after); resume with "
                   "the same command", flush=True)

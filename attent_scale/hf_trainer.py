@@ -4,7 +4,7 @@ A Trainer script switches the teacher on with one line, constructing :class:`Att
 constructed ``Trainer``; the ``"attent"`` section of the DeepSpeed JSON passed to
 ``TrainingArguments(deepspeed=...)`` configures it, exactly as for ``attent-pretrain``::
 
-    from attent_scale.hf_trainer import AttentTrainer
+    from attent_scale import AttentTrainer
     args = TrainingArguments(output_dir="runs/ft", num_train_epochs=3,
                              per_device_train_batch_size=8, deepspeed="configs/finetune_zero2.json")
     trainer = AttentTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
@@ -21,12 +21,13 @@ What changes against the plain Trainer, and why:
   (``datasets.Dataset`` or any ``torch`` map-style dataset) and
   :class:`~attent_scale.streaming_data.SubsetStreamingDataset` alike.
 - **Steps**: ``num_train_epochs`` is the number of passes; the teacher's plan fixes the total
-  optimizer steps before training (``max_steps``), so the learning-rate schedule fits each arm's own
-  budget. The Trainer's "epoch" counter therefore spans the whole run; passes appear in the
-  ``[attent]`` lines.
-- **Checkpoints**: teacher state (``attent_state.{json,npz}``) is written into every Trainer
-  checkpoint folder and read back on resume; the loader resumes mid-pass by itself, so
-  ``ignore_data_skip`` is forced on.
+  optimizer steps before training (``max_steps`` while ``train()`` runs; the caller's value is
+  given back when it returns), so the learning-rate schedule fits each arm's own budget. The
+  Trainer's logged ``epoch`` is the pass count: the pass plus the fraction of it trained (3.0 after
+  3 passes), though passes differ in length.
+- **Checkpoints**: teacher state (``attent_state.{json,npz}``, and one score file per rank when the
+  score table is sharded) is written into every Trainer checkpoint folder and read back on resume;
+  the loader resumes mid-pass by itself, so ``ignore_data_skip`` is on while ``train()`` runs.
 
 Without the section (or with ``attent=None``) the same loader trains every pass on the full data
 with the same remainder rule and order: the fair baseline. Only there may ``max_steps`` be set: a
@@ -189,7 +190,8 @@ class _SaveTeacher(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer.teaching
         if t is not None and t.selection is not None:
-            # The Trainer counts its one long "epoch" over every pass; the pass is the truth.
+            # The Trainer counts one long "epoch" over every pass; the pass is the truth. This
+            # runs after the Trainer sets state.epoch and before it logs or saves the step.
             size = len(t.selection.ids)
             state.epoch = t.pass_index + (t.samples_done / size if size else 0.0)
 
@@ -257,6 +259,7 @@ class AttentTrainer(Trainer):
                 "supports 'free' (scores from the training forward); fix: remove attent.source")
         self.log_ids = Path(log_ids) if log_ids else None
         self.teaching: Optional[Teaching] = None
+        self._budget: Optional[int] = None  # max_steps of the teacher-off budget-matched run
         self.comm = None
         self.current_pass = -1
         self.pass_log: list[dict] = []
@@ -303,13 +306,16 @@ class AttentTrainer(Trainer):
             epochs = -(-budget // per_pass)
         teaching = Teaching(self.attent_config, n, int(epochs), global_batch, comm=self.comm,
                             data_seed=seed, model=self.model)
-        # The plan fixes the run's length; the Trainer's own arithmetic assumes equal epochs.
-        # (Restored when train() returns: the caller's arguments are theirs.)
-        self._user_max_steps = args.max_steps
-        args.max_steps = min(budget, teaching.planned_steps()) if budget else \
-            teaching.planned_steps()
-        args.ignore_data_skip = True
+        self._budget = budget
         return teaching
+
+    def planned_steps(self) -> int:
+        """Optimizer steps the run trains: the teacher's plan (cut to ``max_steps`` in the
+        budget-matched run without a teacher)."""
+        if self.teaching is None:
+            self.teaching = self._build_teaching()
+        planned = self.teaching.planned_steps()
+        return min(self._budget, planned) if self._budget else planned
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args, **kwargs):
         if self.teaching is None:
@@ -331,10 +337,15 @@ class AttentTrainer(Trainer):
         if self.log_ids is not None:
             self.log_ids.mkdir(parents=True, exist_ok=True)
             self._id_log = open(self.log_ids / f"ids.rank{self.comm.rank}.jsonl", "a")
+        # For this call only (the caller's arguments are theirs): the plan fixes the run's
+        # length, since the Trainer's own arithmetic assumes equal epochs, and the loader resumes
+        # mid-pass by itself.
+        users = self.args.max_steps, self.args.ignore_data_skip
+        self.args.max_steps, self.args.ignore_data_skip = self.planned_steps(), True
         try:
             return super().train(ckpt or None, *args, **kwargs)
         finally:
-            self.args.max_steps = self._user_max_steps
+            self.args.max_steps, self.args.ignore_data_skip = users
             if self._id_log is not None:
                 self._id_log.close()
                 self._id_log = None

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from attent_scale.corpus import open_corpus
-from attent_scale.corpus_tokenizer import (TokenizerSample, corpus_tokenizer_size,
-                                           load_corpus_tokenizer)
+from attent_scale.corpus_tokenizer import (TOKENIZER_CHUNK_CHARS, TokenizerSample,
+                                           corpus_tokenizer_size, load_corpus_tokenizer)
 from attent_scale.data import load_tokenizer, main, prepare_corpus
 
 SEQ = 16
@@ -466,8 +466,9 @@ def test_tokenizer_sample_is_bounded_and_deterministic():
     full = TokenizerSample(seed=1, sample_chars=10 ** 9)
     for i, d in enumerate(docs[:20]):
         full.add(str(i), d)
-    from attent_scale.corpus_tokenizer import _chunks
-    legacy = [c for d in docs[:20] for c in _chunks(d)]
+    # These documents are shorter than a chunk (TOKENIZER_CHUNK_CHARS): each is one chunk.
+    assert max(len(d) for d in docs[:20]) <= TOKENIZER_CHUNK_CHARS
+    legacy = list(docs[:20])
     random.Random(1).shuffle(legacy)
     assert full.chunks() == legacy
 

@@ -2,10 +2,11 @@
 
     torchrun --nproc_per_node 2 examples/ddp_sampler.py --config examples/ds_config.json
 
-Against the same loop with ``DistributedSampler``, four lines differ (marked "attent"): the
-sampler, the dataset handed to the DataLoader (its items carry their index as "id"), taking the
-ids off the batch, and the loss, which ``sampler.update`` returns after recording the batch's
-scores. Only the "attent" section of the config file is read.
+Against the same loop with ``DistributedSampler``, the lines marked "attent" differ: the import,
+the config option, the sampler, the dataset handed to the DataLoader (its items carry their index
+as "id"), the schedule's length (passes shrink once the teacher selects), taking the ids off the
+batch, and the loss, which ``sampler.update`` returns after recording the batch's scores. Only
+the "attent" section of the config file is read.
 """
 import argparse
 import inspect
@@ -37,7 +38,7 @@ class ByteSequences(torch.utils.data.Dataset):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="examples/ds_config.json")
+    parser.add_argument("--config", default="examples/ds_config.json")  # attent
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
@@ -53,7 +54,8 @@ def main():
                                          batch_size=args.batch_size)
     loader = DataLoader(sampler.dataset, batch_size=args.batch_size, sampler=sampler)  # attent
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, sampler.planned_steps())
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer,
+                                                          sampler.planned_steps())  # attent
 
     for epoch in range(args.passes):
         sampler.set_epoch(epoch)

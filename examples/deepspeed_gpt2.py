@@ -4,9 +4,11 @@
     deepspeed --num_gpus 2 examples/deepspeed_gpt2.py --deepspeed_config examples/ds_config.json
 
 A GPT-2 built from a config, an in-memory map-style dataset, the usual forward / backward / step
-loop. Against plain DeepSpeed, two lines differ (marked "attent"): the import, and
+loop. Against plain DeepSpeed, the lines marked "attent" differ: the import, and
 ``attent_scale.initialize`` with ``passes=`` in place of ``deepspeed.initialize``. The "attent"
-section of the JSON switches the teacher on; without it this is plain DeepSpeed.
+section of the JSON switches the teacher on; without it this is plain DeepSpeed, except that
+``attent_scale.initialize`` still fills the config's two "auto" schedule lengths from ``passes``
+(plain ``deepspeed.initialize`` refuses "auto" there).
 """
 import argparse
 import inspect

@@ -168,9 +168,13 @@ def select_linears(model: nn.Module, last_blocks: int = 2, include_head: bool = 
             raise ValueError(f"attent.grad_norm.modules: pattern {pattern!r} matches no Linear "
                              "layer of the model; check the module names (model.named_modules())")
         chosen.update(hits)
+    # Frozen layers (a LoRA base, say) train nothing: their gradient is not the one the step
+    # applies, and with no trainable input they may have no graph to hook at all.
+    chosen = {m for m in chosen if m.weight.requires_grad}
     if not chosen:
-        raise ValueError("attent.grad_norm: no layer selected (last_blocks 0, include_head false, "
-                         "no modules); select at least one layer")
+        raise ValueError("attent.grad_norm: no trainable layer selected (last_blocks 0, "
+                         "include_head false, no modules, or every selected layer frozen); "
+                         "select at least one layer whose weight trains")
     owners: dict[int, list[str]] = {}
     for n, m in model.named_modules():
         for p in m.parameters(recurse=False):

@@ -174,7 +174,7 @@ def test_tied_head_and_empty_selection_are_refused_at_start():
                                             "grad_norm": {"include_head": False}}))
     assert len(probe.layers) == 8 and "lm_head" not in probe.layers
     probe.remove()
-    with pytest.raises(ValueError, match="attent.grad_norm: no layer selected"):
+    with pytest.raises(ValueError, match="attent.grad_norm: no trainable layer selected"):
         select_linears(model, last_blocks=0, include_head=False)
 
 
@@ -229,3 +229,18 @@ def test_pretrain_job_with_grad_norm_signal_selects(source, tiny_corpus, tmp_pat
     meta = json.loads((tiny_corpus / "meta.json").read_text())
     assert sel["unscored"] == (0 if source == "free" else meta["num_train"] - 96)
     assert 0 < sel["selected"] < meta["num_train"]
+
+
+def test_frozen_layers_are_left_out():
+    """A LoRA base layer trains nothing: its gradient is not the step's, so it is not selected."""
+    import torch
+    from attent_scale.grad_norm import select_linears
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 4),
+                                                            torch.nn.Linear(4, 4))])
+    model.layers[0][0].weight.requires_grad_(False)
+    chosen = select_linears(model, last_blocks=1, include_head=False)
+    assert list(chosen) == ["layers.0.1"]
+    model.layers[0][1].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="every selected layer frozen"):
+        select_linears(model, last_blocks=1, include_head=False)

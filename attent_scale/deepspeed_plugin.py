@@ -369,6 +369,31 @@ def check_weights_only(tag_dir: Path) -> None:
                                f"refused it: {why}); it will not be loaded") from None
 
 
+def saved_zero_stage(tag_dir: Path) -> Optional[int]:
+    """The ZeRO stage a DeepSpeed checkpoint was written with (the ``ds_config`` DeepSpeed keeps
+    in its model-states files), or None when no file says so. Call after check_weights_only."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # Stages 0-2 write mp_rank_XX_model_states.pt, stage 3 zero_pp_rank_N_mp_rank_XX_...
+    for path in sorted(tag_dir.glob("*model_states.pt")):
+        try:
+            with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum,
+                                                   fragment_address]):
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return int((state.get("ds_config") or {}).get("zero_optimization", {})
+                       .get("stage", 0))
+        except Exception:  # noqa: BLE001 - an unreadable file is DeepSpeed's to report
+            continue
+    return None
+
+
+def _layout(stage: int) -> str:
+    # Stages 1 and 2 share one file layout; 0 keeps the optimizer with the model; 3 shards both.
+    return {0: "0", 1: "1-2", 2: "1-2"}.get(stage, "3")
+
+
 def load_checkpoint(engine, teaching: Teaching, load_dir: Path,
                     load_optimizer_states: bool = True,
                     pass_index: Optional[int] = None) -> Optional[dict[str, Any]]:
@@ -376,14 +401,31 @@ def load_checkpoint(engine, teaching: Teaching, load_dir: Path,
 
     ``load_optimizer_states=False`` (a resume on another data-parallel size): DeepSpeed cannot
     re-partition ZeRO optimizer state, so the weights load and the optimizer restarts from them.
+    A checkpoint of another ZeRO layout, or one missing a file, raises :class:`CheckpointError`
+    before DeepSpeed fails on it with a bare assertion or a file name.
     """
+    from .checkpoint import CheckpointError
     tag = latest_tag(load_dir)
     if tag is None:
         return None
-    check_weights_only(load_dir / tag)
-    path, _ = engine.load_checkpoint(str(load_dir), tag=tag,
-                                     load_optimizer_states=load_optimizer_states)
+    tag_dir = load_dir / tag
+    fix = (f"point {load_dir / 'latest'} at an earlier complete tag, or start fresh (--no-resume, "
+           "or another --out)")
+    check_weights_only(tag_dir)
+    saved, stage = saved_zero_stage(tag_dir), engine.zero_optimization_stage()
+    if saved is not None and _layout(saved) != _layout(stage):
+        raise CheckpointError(f"checkpoint {tag_dir} was written under ZeRO stage {saved}, this "
+                              f"job runs stage {stage}; DeepSpeed cannot load one stage's files "
+                              f"into the other's; fix: resume with zero_optimization.stage "
+                              f"{saved} in the config, or start fresh (--no-resume, or another "
+                              "--out)")
+    try:
+        path, _ = engine.load_checkpoint(str(load_dir), tag=tag,
+                                         load_optimizer_states=load_optimizer_states)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {exc.filename} is missing; "
+                              f"fix: {fix}") from None
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}; fix: {fix}")
     teaching.load(load_dir / tag, pass_index)
     return json.loads((load_dir / tag / TRAINER_STATE).read_text())

@@ -105,6 +105,9 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
     p.add_argument("--log-ids", action="store_true",
                    help="write the sample ids each rank trains to out/ids.rank<R>.jsonl")
     p.add_argument("--no-plot", action="store_true", help="skip metrics.png at the end")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback behind an expected failure too (bad input, a damaged "
+                        "checkpoint, a full disk), not only its one-line message")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
@@ -129,6 +132,65 @@ class Progress:
     passes: Optional[int] = None
     budget_fraction: Optional[float] = None
     canonical_nodes: Optional[int] = None   # streaming's sample order depends on it
+
+
+# ---- failures ----------------------------------------------------------------------------------
+
+def run_main(name: str, args, body: Callable[[], int]) -> int:
+    """A job's ``main``: ``body()``, with every expected failure reported as one line.
+
+    Expected failures are what a user can fix: the job's own refusals (``SystemExit`` with a
+    message), a bad config, model, selection or teacher state, a damaged or unwritable checkpoint,
+    a full or read-only disk. Each prints ``name: what, where, how to fix`` on stderr and returns
+    exit code 1; ``--debug`` prints the traceback behind it first. Anything else is a bug (ours or
+    a library's) and keeps its traceback. Exit code 2 stays what argparse and the output-directory
+    lock use it for: the command itself was refused before it started.
+    """
+    try:
+        return body()
+    except (SystemExit, Exception) as exc:
+        line = expected_failure(exc)
+        if line is None:
+            raise
+        if getattr(args, "debug", False):
+            import traceback
+            exc.__suppress_context__ = False  # show what a `raise ... from None` hid
+            traceback.print_exception(exc)
+        if not line.startswith(f"{name}: "):
+            line = f"{name}: {line}"
+        from tqdm import tqdm
+        tqdm.write(line, file=sys.stderr)  # on a line of its own, not after a progress bar's
+        sys.stderr.flush()
+        from .comm import shutdown
+        try:
+            shutdown()  # gloo's threads, left to interpreter exit, can abort the process
+        except Exception:  # noqa: BLE001 - a peer may be gone already; the line is what matters
+            pass
+        return 1
+
+
+def expected_failure(exc: BaseException) -> Optional[str]:
+    """The one-line message of an expected failure, or None for a bug."""
+    import errno
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .model import ModelError
+    from .policy import SelectionError
+    from .teacher_state import TeacherStateError
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, str) else None
+    if isinstance(exc, (ConfigError, ModelError, SelectionError, TeacherStateError,
+                        CheckpointError)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk is full: cannot write {exc.filename or 'a file'} ({exc.strerror}); "
+                "fix: free space there (or use an --out on a larger disk), then run the same "
+                "command again: it resumes from the last complete checkpoint")
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"{exc.filename or 'a file'}: {exc.strerror}; fix: choose an --out (or --data) "
+                "this user can write")
+    return None
 
 
 # ---- start-up ---------------------------------------------------------------------------------
@@ -162,12 +224,22 @@ def start_job(args, job: str):
         raise SystemExit(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
     if args.seed < 0:
         raise SystemExit(f"{job}: --seed: got {args.seed}; allowed: an integer >= 0")
+    if args.epochs < 1:
+        # Before the config: without the teacher nothing else would stop a run that trains nothing.
+        raise SystemExit(f"{job}: --epochs: got {args.epochs}; allowed: an integer >= 1 (the "
+                         "passes over the training data)")
     try:
         raw_config, attent = split_deepspeed_config(args.deepspeed_config)
-        # A plan that never selects (warm-up past the last pass, --epochs 0) stops here.
+        # A plan that never selects (warm-up past the last pass) stops here.
         require_plan(None if args.no_teacher else attent, args.epochs)
-    except (ConfigError, OSError) as exc:
-        raise SystemExit(f"{job}: {args.deepspeed_config}: {exc}") from None
+    except ConfigError as exc:
+        # The file's own errors already begin with its path.
+        where = str(args.deepspeed_config)
+        msg = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
+        raise SystemExit(f"{job}: {msg}") from None
+    except OSError as exc:
+        raise SystemExit(f"{job}: --deepspeed_config {args.deepspeed_config}: {exc.strerror}; "
+                         "give a DeepSpeed JSON config, e.g. configs/zero1.json") from None
     single_process_env()
     adopt_launcher_env()
     from .startup import quiet_known_warnings
@@ -175,9 +247,24 @@ def start_job(args, job: str):
     if args.remote:
         try:
             check_remote(args.remote)
+            require_bucket(args.remote)
         except ValueError as exc:
             raise SystemExit(f"{job}: --remote: {exc}") from None
     return raw_config, None if args.no_teacher else attent
+
+
+# Object stores whose URLs name a bucket (or container, or host) before the path.
+_BUCKET_SCHEMES = ("s3", "gs", "oci", "azure", "azure-dl", "sftp")
+
+
+def require_bucket(remote: str) -> None:
+    """``s3://`` alone (or ``s3:///dir``) names no bucket; boto would fail much later, inside a
+    download, with a regular expression for a message."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(remote)
+    if parts.scheme in _BUCKET_SCHEMES and not parts.netloc:
+        raise ValueError(f"{parts.scheme}:// names no bucket; give {parts.scheme}://BUCKET/PATH, "
+                         "the directory attent-prepare's corpus was uploaded to")
 
 
 def local_device() -> torch.device:
@@ -196,7 +283,7 @@ def local_device() -> torch.device:
 
 # ---- data ---------------------------------------------------------------------------------------
 
-def prepare_data(args, comm) -> dict:
+def prepare_data(args, comm, name: str = "attent-pretrain") -> dict:
     """The corpus in --data: one attent-prepare wrote, or MDS shards of your own (DIR/train and
     DIR/val, schema-checked); built from the standard library (rank 0, others wait) when the
     directory holds neither.
@@ -208,20 +295,16 @@ def prepare_data(args, comm) -> dict:
     from .data import prepare_corpus
     root = Path(args.data)
     wanted = {k: getattr(args, k) for k in CORPUS_DEFAULTS if getattr(args, k) is not None}
-    if args.remote:
-        # One download per node; the shards themselves stream in on demand.
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not (root / "meta.json").exists():
-            from .streaming_data import fetch_file
-            fetch_file(f"{args.remote.rstrip('/')}/meta.json", root / "meta.json")
-        comm.barrier()
     if root.exists() and not root.is_dir():
-        raise SystemExit(f"attent-pretrain: --data {root} is a file; give a corpus directory "
+        raise SystemExit(f"{name}: --data {root} is a file; give a corpus directory "
                          "(attent-prepare --out DIR) or a new directory to build one in")
+    if args.remote:
+        fetch_meta(args.remote, root, comm, name)
     if (root / "meta.json").exists() or (root / "train" / "index.json").exists():
         try:
             meta = open_corpus(root, args.token_column)
         except ValueError as exc:
-            raise SystemExit(f"attent-pretrain: --data {root}: {exc}") from None
+            raise SystemExit(f"{name}: --data {root}: {exc}") from None
         if meta.get("format") == "mds-external":
             if meta["vocab_size"] is None:
                 meta["vocab_size"] = args.vocab_size  # the model's embedding size, if given
@@ -229,13 +312,13 @@ def prepare_data(args, comm) -> dict:
         clash = {k: (v, meta.get(k)) for k, v in wanted.items()
                  if (v or None) != meta.get(k)}
         if clash:
-            raise SystemExit(f"--data {root} holds a corpus built with other settings: " +
+            raise SystemExit(f"{name}: --data {root} holds a corpus built with other settings: " +
                              ", ".join(f"--{k.replace('_', '-')} {v} vs corpus {m}"
                                        for k, (v, m) in clash.items()) +
                              "; drop these options or choose another --data directory")
         return meta
     if root.is_dir() and any(root.iterdir()):
-        raise SystemExit(f"attent-pretrain: --data {root} is neither a prepared corpus (no "
+        raise SystemExit(f"{name}: --data {root} is neither a prepared corpus (no "
                          "meta.json) nor MDS shards (no train/index.json); give a corpus "
                          "directory, or an empty or new one to build the standard-library "
                          "corpus in")
@@ -247,7 +330,31 @@ def prepare_data(args, comm) -> dict:
     return open_corpus(root)
 
 
-def check_corpus(root: Path, meta: dict, remote: bool) -> None:
+def fetch_meta(remote: str, root: Path, comm, name: str) -> None:
+    """Collective: each node's local rank 0 fetches the remote corpus's meta.json into ``root``
+    (the shards stream in on demand later); every rank stops when one of them could not."""
+    from urllib.parse import urlsplit
+
+    from .streaming_data import fetch_file
+    error = None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not (root / "meta.json").exists():
+        url = f"{remote.rstrip('/')}/meta.json"
+        try:
+            fetch_file(url, root / "meta.json")
+        except Exception as exc:  # noqa: BLE001 - every store's client has its own exceptions
+            # The query of a URL can carry a signature: never echo it.
+            shown = urlsplit(url)._replace(query="", fragment="").geturl()
+            why = (str(exc).strip().splitlines() or [""])[0][:300]
+            error = (f"{name}: --remote {remote}: cannot fetch {shown} ({type(exc).__name__}: "
+                     f"{why}); check the URL and the store's credentials, which come from the "
+                     "environment (for s3://: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+                     "~/.aws/credentials, and S3_ENDPOINT_URL for a store other than AWS)")
+    # Ranks that fetched nothing must not wait for a file that will never come.
+    if comm.max_int(int(error is not None)):
+        raise SystemExit(error or 1)
+
+
+def check_corpus(root: Path, meta: dict, remote: bool, name: str = "attent-pretrain") -> None:
     """Refuse, before any training, a corpus that would train on wrong or unreadable data.
 
     Every rank runs the same checks on the same files, so every rank stops with the same error
@@ -263,7 +370,7 @@ def check_corpus(root: Path, meta: dict, remote: bool) -> None:
                 continue
             verify_split(root / split, n, allow_missing=remote)
     except ValueError as exc:
-        raise SystemExit(f"attent-pretrain: --data {root}: {exc}") from None
+        raise SystemExit(f"{name}: --data {root}: {exc}") from None
     if meta.get("tokenizer") and meta.get("vocab_size") is not None:
         try:
             pieces = corpus_tokenizer_size(root)
@@ -272,12 +379,13 @@ def check_corpus(root: Path, meta: dict, remote: bool) -> None:
         if pieces > meta["vocab_size"]:
             # Token ids >= the embedding size would index past it: a crash on CPU, silent garbage
             # or a device assert on GPU.
-            raise SystemExit(f"attent-pretrain: --data {root}: the tokenizer has {pieces} pieces "
+            raise SystemExit(f"{name}: --data {root}: the tokenizer has {pieces} pieces "
                              f"but meta.json's vocab_size (the model's embedding size) is "
                              f"{meta['vocab_size']}; prepare the corpus again so they agree")
 
 
-def open_data(args, comm, micro: int, canonical_nodes: Optional[int] = None):
+def open_data(args, comm, micro: int, canonical_nodes: Optional[int] = None,
+              name: str = "attent-pretrain"):
     """(meta, train_ds, val_ds): the prepared corpus (built or fetched first) and its readers.
 
     ``canonical_nodes``: streaming's sample order depends on it; a resume passes the checkpoint's
@@ -286,8 +394,8 @@ def open_data(args, comm, micro: int, canonical_nodes: Optional[int] = None):
     from streaming import StreamingDataset
 
     from .streaming_data import SubsetStreamingDataset, shared_memory_session
-    meta = prepare_data(args, comm)
-    check_corpus(Path(args.data), meta, remote=bool(args.remote))
+    meta = prepare_data(args, comm, name)
+    check_corpus(Path(args.data), meta, remote=bool(args.remote), name=name)
     remote = (lambda split: f"{args.remote.rstrip('/')}/{split}") if args.remote else \
         (lambda split: None)
     extra = {} if canonical_nodes is None else {"num_canonical_nodes": canonical_nodes}
@@ -382,17 +490,28 @@ def open_job(args, name: str, attent, micro: int, global_batch: int, comm, devic
     from .runlock import lock_output_dir
     from .startup import release_shm_allreduce
     from .teacher import SelectionError
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(Path(args.out), name)
     release_shm_allreduce(comm)  # collective; first, so that even a refused job leaves nothing
     lock_output_dir(out, comm, name)  # collective: a second job on this --out stops, exit code 2
     ckpt = out / "checkpoints"
     try:
         saved = None if args.no_resume else read_trainer_state(ckpt)
+        if saved is not None:
+            saved = check_progress(saved, ckpt)
     except RuntimeError as exc:
         raise SystemExit(f"{name}: {exc}") from None
     meta, train_ds, val_ds = open_data(args, comm, micro,
-                                       canonical_nodes=(saved or {}).get("canonical_nodes"))
+                                       canonical_nodes=(saved or {}).get("canonical_nodes"),
+                                       name=name)
+    if meta["num_train"] < global_batch:
+        # Said in the batch's own terms; the teacher would only see a ratio too large for it.
+        gas = global_batch // (micro * comm.world)
+        raise SystemExit(f"{name}: --data {args.data} has {meta['num_train']} training samples, "
+                         f"fewer than one global batch of {global_batch} (micro batch {micro} x "
+                         f"{comm.world} ranks x {gas} gradient accumulation steps); fix: lower "
+                         "train_micro_batch_size_per_gpu"
+                         + (" or gradient_accumulation_steps" if gas > 1 else "")
+                         + f" in {args.deepspeed_config}, or use more data")
     try:
         teaching = Teaching(attent, meta["num_train"], args.epochs, global_batch, comm=comm,
                             data_seed=args.seed, announce=False, defer_model=True,
@@ -416,6 +535,73 @@ def open_job(args, name: str, attent, micro: int, global_batch: int, comm, devic
     planned = max(1, math.floor(teaching.planned_steps() * args.budget_fraction))
     return Job(args, name, comm, device, out, meta, train_ds, val_ds, model, teaching, micro,
                planned, ckpt, saved, kernel)
+
+
+def make_out_dir(out: Path, name: str) -> Path:
+    """``--out``, created if new; a file or a path this user cannot write stops the job."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"{name}: --out {out} is a file; give a directory (a new one, or the "
+                         "--out of the run to resume)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"{name}: --out {out}: cannot create it ({exc.strerror}); fix: choose "
+                         "an --out on a filesystem this user can write") from None
+    return out
+
+
+def check_progress(saved: dict, ckpt: Path) -> dict:
+    """The trainer state of a checkpoint (``trainer_state.json``), checked field by field
+    against :class:`Progress` before any of it is used; returns it unchanged, or raises
+    CheckpointError naming the file and the field."""
+    from dataclasses import fields
+
+    from .checkpoint import TRAINER_STATE, CheckpointError, latest_tag
+    file = ckpt / str(latest_tag(ckpt)) / TRAINER_STATE
+
+    def bad(field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{file}: field '{field}': {problem}; the checkpoint is damaged "
+                               f"or was edited; fix: point {ckpt / 'latest'} at an earlier tag, "
+                               "or start fresh (--no-resume, or another --out)")
+
+    if not isinstance(saved, dict):
+        raise bad("(whole file)", f"a JSON object expected, got {type(saved).__name__}")
+    known = {f.name for f in fields(Progress)}
+    for key in saved:
+        if key not in known:
+            raise bad(key, "unknown (written by another attent-scale release?)")
+    for key in ("step", "pass_index", "samples_in_pass", "fingerprint"):
+        if key not in saved:
+            raise bad(key, "missing")
+
+    def number(v, integer: bool) -> bool:
+        if integer:
+            return type(v) is int
+        return type(v) in (int, float) and math.isfinite(v)
+
+    rules = {  # field: (integer, smallest, None allowed)
+        "step": (True, 0, False), "pass_index": (True, 0, False),
+        "samples_in_pass": (True, 0, False), "samples": (True, 0, False),
+        "tokens": (True, 0, False), "skipped": (True, 0, False), "world": (True, 0, False),
+        "micro": (True, 1, True), "passes": (True, 1, True), "canonical_nodes": (True, 1, True),
+        "wall": (False, 0, False), "teacher_time": (False, 0, False),
+        "eval_time": (False, 0, False), "val_loss": (False, None, True),
+        "budget_fraction": (False, None, True),
+    }
+    for key, (integer, low, nullable) in rules.items():
+        if key not in saved or (nullable and saved[key] is None):
+            continue
+        v = saved[key]
+        kind = "an integer" if integer else "a finite number"
+        if not number(v, integer) or (low is not None and v < low):
+            bound = "" if low is None else f" >= {low}"
+            raise bad(key, f"got {v!r}; allowed: {kind}{bound}")
+    fraction = saved.get("budget_fraction")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise bad("budget_fraction", f"got {fraction!r}; allowed: a number in (0, 1]")
+    if not isinstance(saved["fingerprint"], str):
+        raise bad("fingerprint", f"got {saved['fingerprint']!r}; allowed: a string")
+    return saved
 
 
 def loss_kernel(choice: str, model, attent, device) -> str:
@@ -506,7 +692,8 @@ def check_resume(name: str, ckpt: Path, saved: dict, meta: dict, teaching: Teach
             continue
         if elastic and line.startswith(("global batch:", "pass sizes:")):
             continue  # the elastic resume re-plans these
-        changes.append(line)
+        if line not in changes:  # "passes" is both the job's setting and the teacher's
+            changes.append(line)
     if changes:
         raise SystemExit(f"{name}: the checkpoint in {ckpt} was made with other settings ("
                          + "; ".join(changes) + f"); {fix}")
@@ -610,10 +797,12 @@ class Run:
         self.bar.set_postfix(val=f"{prog.val_loss:.4f}")
 
     def checkpoint(self, tag: str) -> None:
+        from .checkpoint import saving
         t = self.teaching
         self.prog.pass_index, self.prog.samples_in_pass = t.pass_index, t.samples_done
         self.prog.wall = self.now()
-        self._save(tag)
+        with saving(self.job.ckpt, tag):  # a full disk says so; `latest` stays where it was
+            self._save(tag)
 
     # -- passes -----------------------------------------------------------------------------
     def passes(self) -> Iterator[int]:

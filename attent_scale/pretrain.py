@@ -29,6 +29,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .loop import run_main
+    return run_main("attent-pretrain", args, lambda: train(args))
+
+
+def train(args) -> int:
     # A bad "attent" section or option fails before the slow imports.
     from .loop import start_job
     ds_config, attent = start_job(args, "attent-pretrain")

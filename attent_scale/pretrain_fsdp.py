@@ -28,6 +28,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .loop import run_main
+    return run_main("attent-pretrain-fsdp", args, lambda: train(args))
+
+
+def train(args) -> int:
     # A bad section or option fails before the slow imports.
     from .config import ConfigError
     from .loop import start_job
@@ -78,8 +83,16 @@ def main(argv=None) -> int:
         try:
             fsp.load_checkpoint(model, optimizer, scheduler, teaching, job.ckpt,
                                 pass_index=saved["pass_index"])
-        except (RuntimeError, ValueError) as exc:  # ValueError: a damaged teacher state
+        except ValueError as exc:  # a damaged teacher state: its message names file and field
             raise SystemExit(f"attent-pretrain-fsdp: {exc}") from None
+        # DCP reports a missing or damaged file as an AssertionError, a RuntimeError or a
+        # CheckpointException, a BaseException holding each rank's error (`failures`); only
+        # comm.py and the adapter import torch.distributed, so it is known by that attribute.
+        except BaseException as exc:  # noqa: BLE001 - anything else is raised again
+            if not isinstance(exc, (AssertionError, OSError, RuntimeError)) and \
+                    not isinstance(getattr(exc, "failures", None), dict):
+                raise
+            raise SystemExit(f"attent-pretrain-fsdp: {load_failure(exc, job.ckpt)}") from None
         prog = Progress(**saved)
         print0(f"resumed at step {prog.step}, pass {prog.pass_index}, "
                f"{prog.samples_in_pass} samples into the pass")
@@ -120,6 +133,24 @@ def main(argv=None) -> int:
                f"{args.model} on {job.meta['num_train']} sequences (FSDP2)")
     shutdown()
     return 0
+
+
+def load_failure(exc: BaseException, ckpt) -> str:
+    """One line for a checkpoint that DCP (or the schedule's JSON) could not read."""
+    from .checkpoint import latest_tag
+    tag_dir = ckpt / str(latest_tag(ckpt))
+    causes = [exc]
+    if isinstance(getattr(exc, "failures", None), dict):  # {rank: (exception, traceback)}
+        causes = [f[0] if isinstance(f, tuple) else f for _, f in sorted(exc.failures.items())]
+    fix = (f"fix: point {ckpt / 'latest'} at an earlier complete tag, or start fresh "
+           "(--no-resume, or another --out)")
+    missing = next((c.filename for c in causes if isinstance(c, FileNotFoundError)), None)
+    if missing:
+        return f"checkpoint {tag_dir} is incomplete: {missing} is missing; {fix}"
+    # torch's own messages run on for several sentences; the first says what failed.
+    first = (str(causes[0]).strip().splitlines() or [""])[0].split(". ")[0][:300]
+    return (f"checkpoint {tag_dir} cannot be loaded ({type(causes[0]).__name__}: {first}); "
+            f"it is damaged or was written by another job; {fix}")
 
 
 if __name__ == "__main__":

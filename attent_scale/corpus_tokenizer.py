@@ -14,12 +14,12 @@ bounded number of batches in flight.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import io
 import json
 import os
-import pickle
 import queue
 import random
 import shutil
@@ -217,7 +217,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, seed: int) -> bytes:
 
 @dataclass(frozen=True)
 class TokenizerRecipe:
-    """How to load an encoder (picklable: worker processes load their own)."""
+    """How to load an encoder (plain fields, sent to worker processes as JSON: each loads its
+    own)."""
     kind: str
     path: str
     """The ``.model`` file, the Hugging Face directory or the ``tokenizer.json``."""
@@ -477,18 +478,44 @@ def _encode_flat(encode, eos_id: int, texts: list[str]) -> tuple[np.ndarray, np.
     return np.concatenate(parts) if parts else np.zeros(0, np.int32), lengths
 
 
+def _read_exactly(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) < n:
+        raise EOFError
+    return data
+
+
 def _send(stream, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)))
-    stream.write(data)
+    """One message to or from a worker, never a pickle: an answer ("ok", ids, lengths) as raw
+    little-endian arrays; anything else (the recipe, a batch of texts, an error) as JSON."""
+    if isinstance(obj, tuple) and obj and obj[0] == "ok":
+        ids, lengths = np.ascontiguousarray(obj[1], "<i4"), np.ascontiguousarray(obj[2], "<i8")
+        stream.write(struct.pack("<cQQ", b"A", len(ids), len(lengths)))
+        stream.write(ids.tobytes())
+        stream.write(lengths.tobytes())
+    else:
+        if isinstance(obj, TokenizerRecipe):
+            obj = {"recipe": dataclasses.asdict(obj)}
+        data = json.dumps(obj).encode("utf-8")
+        stream.write(struct.pack("<cQ", b"J", len(data)))
+        stream.write(data)
     stream.flush()
 
 
 def _recv(stream):
-    head = stream.read(8)
-    if len(head) < 8:
+    kind = stream.read(1)
+    if not kind:
         raise EOFError
-    return pickle.loads(stream.read(struct.unpack("<Q", head)[0]))
+    if kind == b"A":
+        n, m = struct.unpack("<QQ", _read_exactly(stream, 16))
+        ids = np.frombuffer(_read_exactly(stream, 4 * n), "<i4").astype(np.int32)
+        lengths = np.frombuffer(_read_exactly(stream, 8 * m), "<i8").astype(np.int64)
+        return ("ok", ids, lengths)
+    (size,) = struct.unpack("<Q", _read_exactly(stream, 8))
+    obj = json.loads(_read_exactly(stream, size))
+    if isinstance(obj, dict) and "recipe" in obj:
+        return TokenizerRecipe(**obj["recipe"])
+    return obj
 
 
 class _Workers:

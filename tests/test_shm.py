@@ -107,7 +107,7 @@ def test_one_job_per_out_dir_and_a_killed_jobs_leftovers(tiny_corpus, tmp_path):
         "a": job(tmp_path, "a", cfg, tiny_corpus, out, epochs=3),
         "b": job(tmp_path, "b", cfg, tiny_corpus, out),
         "b1": job(tmp_path, "b1", cfg, tiny_corpus, out, launcher="python", nproc=1),
-        "c": job(tmp_path, "c", cfg, tiny_corpus, out, epochs=1),
+        "c": job(tmp_path, "c", cfg, tiny_corpus, out, epochs=2),
     }, tmp_path)
     logs = {n: (tmp_path / f"{n}.log").read_text() for n in ("a", "b", "b1", "c")}
     rc_a, rc_b, rc_b1, rc_c = res["rc"]

@@ -43,6 +43,7 @@ def train(args) -> int:
     from . import deepspeed_plugin as dsp
     from .comm import make_comm, shutdown
     from .loop import Progress, Run, local_device, open_job, resume_elastic, train_forward
+    from .model import describe
     from .monitor import open_monitor
     from .teaching import print0
 
@@ -62,12 +63,10 @@ def train(args) -> int:
     job = open_job(args, "attent-pretrain", attent, micro, global_batch, comm, device)
     teaching, planned = job.teaching, job.planned
     engine = dsp.build_engine(job.model, dsp.resolve_auto(ds_config, planned))
-    n_params = sum(p.numel() for p in job.model.parameters())
-    print0(f"model {args.model_config or args.init_from or args.model}: "
-           f"{n_params / 1e6:.2f}M parameters; {job.meta['num_train']} train sequences of "
-           f"{job.meta['seq_len']} tokens; world {comm.world}, micro batch {micro}, global batch "
-           f"{global_batch}; teacher {'on' if attent else 'off'}; loss {job.kernel}; "
-           f"planned {planned} steps")
+    print0(f"model {args.model_config or args.init_from or args.model}: {describe(job.model)}; "
+           f"{job.meta['num_train']} train sequences of {job.meta['seq_len']} tokens; world "
+           f"{comm.world}, micro batch {micro}, global batch {global_batch}; teacher "
+           f"{'on' if attent else 'off'}; loss {job.kernel}; planned {planned} steps")
 
     # -- resume ---------------------------------------------------------------------------------
     prog, saved = job.fresh_progress, job.saved

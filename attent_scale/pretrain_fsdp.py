@@ -47,6 +47,7 @@ def train(args) -> int:
 
     from .comm import make_comm, shutdown
     from .loop import Progress, Run, local_device, open_job, train_forward
+    from .model import describe
     from .monitor import open_monitor
     from .teaching import print0
 
@@ -62,14 +63,13 @@ def train(args) -> int:
     # -- data, model, teacher, sharding, optimizer ----------------------------------------------
     job = open_job(args, "attent-pretrain-fsdp", attent, micro, global_batch, comm, device)
     teaching, planned = job.teaching, job.planned
-    n_params = sum(p.numel() for p in job.model.parameters())
+    size = describe(job.model)  # before sharding: each rank then holds a part
     model = fsp.shard(job.model.to(device), tc.bf16)
     optimizer, scheduler = fsp.build_optimizer(model, tc, planned)
-    print0(f"model {args.model_config or args.init_from or args.model}: "
-           f"{n_params / 1e6:.2f}M parameters (FSDP2 over {world} ranks); "
-           f"{job.meta['num_train']} train sequences of {job.meta['seq_len']} tokens; micro "
-           f"batch {micro}, global batch {global_batch}; teacher {'on' if attent else 'off'}; "
-           f"loss {job.kernel}; planned {planned} steps")
+    print0(f"model {args.model_config or args.init_from or args.model}: {size} (FSDP2 over "
+           f"{world} ranks); {job.meta['num_train']} train sequences of {job.meta['seq_len']} "
+           f"tokens; micro batch {micro}, global batch {global_batch}; teacher "
+           f"{'on' if attent else 'off'}; loss {job.kernel}; planned {planned} steps")
 
     # -- resume ---------------------------------------------------------------------------------
     prog, saved = job.fresh_progress, job.saved

@@ -86,10 +86,11 @@ def records(out, kind: str) -> list[dict]:
 
 
 def param_line(config) -> str:
-    """What the job's start line says of a model built from ``config``."""
+    """What the job's start line says of a model built from ``config``: its class and size."""
     from transformers import AutoModelForCausalLM
-    n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    return f"{n / 1e6:.2f}M parameters"
+    model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    return f"{type(model).__name__}, {n / 1e6:.2f}M parameters"
 
 
 # ---- the real job --------------------------------------------------------------------------

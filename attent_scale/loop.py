@@ -759,6 +759,7 @@ class Run:
         # DeepSpeed's monitor sections of the config (TensorBoard, W&B, CSV), when enabled.
         self.sink = MonitorSink(monitor, job.meta.get("sources"))
         self.teaching.listeners.append(self._selected)
+        self.teaching.last_scores = []  # the train records' score quantiles read them
         # Line-buffered: a killed job's log still holds every step it trained (crash tests
         # rely on it).
         self.id_log = (open(job.out / f"ids.rank{job.comm.rank}.jsonl", "a", buffering=1)

@@ -130,7 +130,9 @@ class Teaching:
         self._pending: list[tuple[np.ndarray, torch.Tensor, int]] = []
         self.listeners: list[Callable[[dict], None]] = [_announce] if announce else []
         """Called on every rank with one record per pass begun (selections, for logs/monitors)."""
-        self.last_scores: list[np.ndarray] = []  # host copies since the caller last cleared them
+        # Host copies of the scores since the caller last cleared them, kept only for a caller
+        # that asks (sets a list here, as the pretraining jobs' logs do): nobody else clears it.
+        self.last_scores: Optional[list[np.ndarray]] = None
         self._grad_pool = False  # grad_norm: the recorded forward is a pool pass's
 
     def watch(self, model) -> None:
@@ -388,7 +390,8 @@ class Teaching:
         for ids, _, stamp in self._pending:
             self.teacher.record(ids, host[start:start + len(ids)], stamp)
             start += len(ids)
-        self.last_scores.append(host)
+        if self.last_scores is not None:
+            self.last_scores.append(host)
         self._pending.clear()
 
     # ---- state -----------------------------------------------------------------------------

@@ -226,7 +226,6 @@ class Trainer:
                                            fgrad_sq=out.fgrad_sq)
                 if self.calls % 10 == 0:
                     teaching.flush()
-                    teaching.last_scores.clear()
             else:
                 loss = out.ce.mean(dim=1).mean()
         if self.engine is not None:

@@ -59,18 +59,24 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def resolve_auto(ds_config: dict, optimizer_steps: int) -> dict:
-    """Fill ``"auto"`` scheduler lengths from the planned optimizer steps of this arm.
+def resolve_auto(ds_config: dict, optimizer_steps: Optional[int]) -> dict:
+    """Fill ``"auto"`` values: scheduler lengths from the planned optimizer steps of this arm
+    (left as they are when ``optimizer_steps`` is None), and ``bf16.enabled`` from the device
+    (true where CUDA supports bf16, false on CPU).
 
     Each arm (teacher or not) gets a learning-rate schedule that completes within its own budget:
-    comparing against a baseline frozen mid-schedule would flatter the teacher.
+    comparing against a baseline frozen mid-schedule would flatter the teacher. bf16 on CPU is
+    emulated and slower than float32, so one config serves a GPU job and a CPU test alike.
     """
     out = copy.deepcopy(ds_config)
-    params = out.get("scheduler", {}).get("params", {})
+    params = out.get("scheduler", {}).get("params", {}) if optimizer_steps is not None else {}
     if params.get("total_num_steps") == "auto":
         params["total_num_steps"] = max(1, optimizer_steps)
     if params.get("warmup_num_steps") == "auto":
         params["warmup_num_steps"] = max(1, optimizer_steps // 20)
+    bf16 = out.get("bf16")
+    if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
+        bf16["enabled"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return out
 
 
@@ -151,10 +157,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                                dist_init_required=dist_init_required)
     comm = make_comm(mpu.get_data_parallel_group() if mpu is not None else None)
     if SECTION not in raw:
+        steps = None
         if passes is not None and training_data is not None:
             # The "auto" lengths of full passes under the remainder rule.
             _, global_batch = global_batch_size(ds_config, comm.world)
-            ds_config = resolve_auto(ds_config, passes * (len(training_data) // global_batch))
+            steps = passes * (len(training_data) // global_batch)
+        ds_config = resolve_auto(ds_config, steps)
         return deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer,
                                     model_parameters=model_parameters,
                                     training_data=training_data, lr_scheduler=lr_scheduler,

@@ -126,7 +126,8 @@ def parse_train_config(cfg: dict, world: int, cuda: bool) -> TrainConfig:
     if cfg.get("fp16", {}).get("enabled"):
         problems.append("fp16.enabled: got true; allowed: false under FSDP2 (fp16 needs loss "
                         'scaling); fix: use "bf16": {"enabled": true}')
-    bf16 = bool(cfg.get("bf16", {}).get("enabled", False))
+    bf16 = cfg.get("bf16", {}).get("enabled", False)
+    bf16 = cuda if bf16 == "auto" else bool(bf16)  # "auto": as deepspeed_plugin.resolve_auto
     if bf16 and not cuda:
         # bf16 matmuls on CPU are emulated and slower than fp32: keep CPU runs (tests) in fp32.
         notes.append("bf16.enabled ignored on CPU: training in fp32")

@@ -377,5 +377,29 @@ def test_bench_throughput_cpu_run_writes_its_table(tmp_path):
     assert any("teacher overhead, loss scores" in n for n in data["notes"])
 
 
+
+def test_bench_ds_step_cpu_run_compares_the_configs(tmp_path):
+    """The consecutive-step benchmark builds the configs it names: the shipped zero1.json has the
+    two fast keys, 'today' has DeepSpeed's defaults for them, and every variant is timed."""
+    out = tmp_path / "ds"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_ds_step.py"), "--device", "cpu",
+         "--model", "tiny", "--seq-len", "32", "--micro", "2", "--micro-big", "4",
+         "--vocab-size", "512", "--block", "2", "--rounds", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads((out / "ds_step.json").read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert len(rows) == 8 and all(r["ms"] > 0 for r in rows.values())
+    assert rows["plain PyTorch"]["vs_plain"] == 1.0
+    assert rows["shipped, ZeRO-1, micro big, teacher off"]["teacher"] == "off"
+    from conftest import load_tool
+    bench = load_tool("bench_ds_step")
+    assert bench.SHIPPED["timers"] == {"throughput": {"enabled": False}}
+    assert bench.SHIPPED["bf16"]["check_grad_overflow"] is False
+    assert "timers" not in bench.TODAY and "check_grad_overflow" not in bench.TODAY["bf16"]
+    assert "| shipped, ZeRO-2, micro big | 4 | loss |" in (out / "ds_step.md").read_text()
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--sharded-worker":
     sharded_worker(sys.argv[2])

@@ -127,7 +127,8 @@ def test_section_needs_passes_and_data():
 @pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json"])
 def test_shipped_configs_are_plain_deepspeed_once_autos_are_filled(name):
     """Without its section a shipped config is an ordinary DeepSpeed config, except for the two
-    "auto" schedule lengths (the README names them), which initialize fills from the plan."""
+    "auto" schedule lengths, which initialize fills from the plan, and "auto" bf16, which it
+    fills from the device (the README names all three)."""
     import torch
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
@@ -140,10 +141,17 @@ def test_shipped_configs_are_plain_deepspeed_once_autos_are_filled(name):
         if isinstance(node, dict):
             return [a for k, v in node.items() for a in autos(v, f"{path}.{k}".lstrip("."))]
         return [path] if node == "auto" else []
-    assert autos(cfg) == ["scheduler.params.total_num_steps", "scheduler.params.warmup_num_steps"]
-    params = resolve_auto(cfg, 400)["scheduler"]["params"]
+    assert sorted(autos(cfg)) == ["bf16.enabled", "scheduler.params.total_num_steps",
+                                  "scheduler.params.warmup_num_steps"]
+    resolved = resolve_auto(cfg, 400)
+    assert autos(resolved) == []
+    params = resolved["scheduler"]["params"]
     assert (params["total_num_steps"], params["warmup_num_steps"]) == (400, 20)
-    DeepSpeedConfig(resolve_auto(cfg, 400))
+    assert resolved["bf16"]["enabled"] is torch.cuda.is_available()  # False on a CPU machine
+    # Without a plan only the device's "auto" is filled.
+    assert autos(resolve_auto(cfg, None)) == ["scheduler.params.total_num_steps",
+                                              "scheduler.params.warmup_num_steps"]
+    DeepSpeedConfig(resolved)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     WarmupCosineLR(opt, **params)
     with pytest.raises(ValueError, match="positive integer"):

@@ -75,6 +75,8 @@ DEFAULT_DS = {
     "scheduler": {"type": "WarmupCosineLR",
                   "params": {"total_num_steps": "auto", "warmup_num_steps": "auto",
                              "warmup_type": "linear", "cos_min_ratio": 0.1}},
+    "bf16": {"enabled": "auto", "check_grad_overflow": False},
+    "timers": {"throughput": {"enabled": False}},
     "zero_optimization": {"stage": 1},
 }
 T0 = time.time()
@@ -369,8 +371,8 @@ def ds_trainer(name, args, shape, seq, micro, device, *, compiled: bool, adam: s
     cfg = ds_base_config(args.ds_config)
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": zero}
-    if device.type == "cuda":
-        cfg["bf16"] = {"enabled": True}
+    # The config's other bf16 keys (check_grad_overflow) stay; "auto" resolves by device.
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": device.type == "cuda"}
     params = cfg["optimizer"]["params"]
     params.pop("fused", None)
     # torch_adam: torch.optim.AdamW, every other key of "params" passed through to it.

@@ -86,6 +86,10 @@ POLICIES: dict[str, dict[str, Any]] = {
     # The same policies balanced per source (a mixed corpus: each source keeps its share).
     "mixture-soft": {"preset": "attent-soft", "selection": {"per_source": True}},
     "mixture-infobatch": {"preset": "infobatch", "selection": {"per_source": True}},
+    # attent-mix made milder (softmax of z-scores at T=2: at most ~e^1.5 between the typical
+    # extremes) or never picking the top 10% within a source (unlearnable outliers).
+    "mixture-soft-T2": {"preset": "attent-mix", "selection": {"temperature": 2.0}},
+    "mixture-soft-skip10": {"preset": "attent-mix", "selection": {"skip_top": 0.1}},
     # Learnability instead of hardness: how much an example's loss dropped since last scored.
     "learn-drop": {"preset": "attent-soft", "score": "drop"},
     # RHO-LOSS: loss minus a reference model's loss (needs reference scores; cost-counted).
@@ -633,7 +637,10 @@ def ds_config(args: argparse.Namespace, attent: Optional[dict]) -> dict:
         "zero_optimization": {"stage": args.zero},
     }
     if args.bf16:
-        cfg["bf16"] = {"enabled": True}
+        # No per-parameter overflow scan: bf16 needs no loss scaling (configs/zero*.json).
+        cfg["bf16"] = {"enabled": True, "check_grad_overflow": False}
+    # DeepSpeed's throughput timer synchronises the device twice a step.
+    cfg["timers"] = {"throughput": {"enabled": False}}
     if attent is not None:
         cfg["attent"] = attent
     return cfg

@@ -74,3 +74,32 @@ def test_scaling_paired_cost_and_efficiency_ratio():
     assert math.isclose(ratio["median"], 1.01 / ratios[2])
     assert ratio["low"] <= ratio["median"] <= ratio["high"] < 1.0
     assert bench.paired_cost(four, one) == (cost, ratio)  # a fixed generator: same intervals
+
+
+def test_protocol_report_joins_bench_ttq_outputs(tmp_path, capsys):
+    """tools/protocol_report.py --ttq: finished runs of a bench_ttq.py --out directory, per
+    corpus, joined with an earlier runs JSON; unfinished runs (no final loss) are left out."""
+    import json
+    report = _tool("protocol_report")
+    run = lambda steps, loss: {"optimizer_steps": steps, "final_loss": loss}  # noqa: E731
+    for corpus, shift in (("code", 0.0), ("prose", 1.0)):
+        (tmp_path / "c100" / corpus).mkdir(parents=True)
+        (tmp_path / "c100" / corpus / "ttq.json").write_text(json.dumps({"runs": {
+            "full@1.0": {"0": run(100, 4.0 + shift), "1": run(100, 4.2 + shift)},
+            "random": {"0": run(74, 4.5 + shift), "1": run(74, 4.6 + shift)},
+            "attent-mix": {"0": run(74, 4.4 + shift), "1": {"optimizer_steps": 30,
+                                                            "final_loss": None}}}}))
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"100m|code|full@0.7": {"0": [70, 4.6], "1": [70, 4.7]}}))
+    joined = tmp_path / "joined.json"
+    assert report.main([str(earlier), "--ttq", f"100m={tmp_path / 'c100'}",
+                        "--write", str(joined)]) == 0
+    runs = json.loads(joined.read_text())
+    assert runs["100m|prose|random"] == {"0": [74, 5.5], "1": [74, 5.6]}
+    assert runs["100m|code|attent-mix"] == {"0": [74, 4.4]}  # seed 1 never finished
+    assert runs["100m|code|full@0.7"] == {"0": [70, 4.6], "1": [70, 4.7]}
+    text = capsys.readouterr().out
+    # attent-mix 0.1 below random at equal steps on its one seed, on both corpora
+    assert text.count("| attent-mix | 1 |") == 2 and "-0.1000 | 1/1 |" in text
+    with pytest.raises(SystemExit):
+        report.main(["--ttq", f"100m={tmp_path / 'nothing'}"])

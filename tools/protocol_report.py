@@ -5,6 +5,7 @@ log and ttq.json files but not always a report over all of them. This tool joins
 applies bench_ttq's own arithmetic (frontiers, paired differences, steps to target):
 
     python tools/protocol_report.py docs/bench/protocol-2026-12-02.json
+    python tools/protocol_report.py --ttq 100m=runs/c100 --ttq small-fp=runs/fp --write joined.json
 
 The input maps ``"<scale>|<corpus>|<arm>"`` to ``{seed: [optimizer steps, final val loss]}``.
 Per scale and corpus it prints, for every teacher arm: the paired difference of final loss
@@ -92,11 +93,44 @@ def report(runs: dict[str, dict[str, list]]) -> str:
     return "\n".join(lines)
 
 
+def runs_from_ttq(scale: str, out: Path) -> dict[str, dict[str, list]]:
+    """The final (steps, loss) of every finished run of one bench_ttq.py --out directory: its
+    per-corpus ``<corpus>/ttq.json`` files (``ttq.json`` itself with --data, corpus "data")."""
+    files = sorted(out.glob("*/ttq.json")) or ([out / "ttq.json"] if (out / "ttq.json").is_file()
+                                               else [])
+    if not files:
+        raise SystemExit(f"--ttq {scale}={out}: no ttq.json there or in its subdirectories")
+    joined: dict[str, dict[str, list]] = {}
+    for f in files:
+        corpus = "data" if f.parent == out else f.parent.name
+        for arm, seeds in json.loads(f.read_text())["runs"].items():
+            done = {s: [r["optimizer_steps"], r["final_loss"]] for s, r in seeds.items()
+                    if r.get("final_loss") is not None}
+            if done:
+                joined[f"{scale}|{corpus}|{arm}"] = done
+    return joined
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", help="JSON: '<scale>|<corpus>|<arm>' -> {seed: [steps, loss]}")
+    p.add_argument("runs", nargs="*", help="JSON: '<scale>|<corpus>|<arm>' -> {seed: [steps, loss]}")
+    p.add_argument("--ttq", action="append", default=[], metavar="SCALE=DIR",
+                   help="add the finished runs of a bench_ttq.py --out DIR under the label SCALE")
+    p.add_argument("--write", default=None, help="also write the joined runs to this JSON file")
     args = p.parse_args(argv)
-    print(report(json.loads(Path(args.runs).read_text())))
+    joined: dict[str, dict[str, list]] = {}
+    for path in args.runs:
+        joined.update(json.loads(Path(path).read_text()))
+    for spec in args.ttq:
+        scale, sep, where = spec.partition("=")
+        if not sep or not scale or "|" in scale:
+            p.error(f"--ttq {spec!r}: expected SCALE=DIR (SCALE without '|')")
+        joined.update(runs_from_ttq(scale, Path(where)))
+    if not joined:
+        p.error("nothing to report: give a runs JSON or --ttq SCALE=DIR")
+    if args.write:
+        Path(args.write).write_text(json.dumps(joined, indent=1, sort_keys=True) + "\n")
+    print(report(joined))
     return 0
 
 

@@ -52,6 +52,24 @@ def test_random_preset_expands_as_documented():
     assert cfg.selection.method == "random"
 
 
+def test_shipped_default_is_attent_mild_as_documented():
+    """configs/*.json and the example ship attent-mild: attent-mix's per-source z-scored soft
+    draw, at temperature 2 instead of 0.5 (docs/BENCHMARKS.md §8b)."""
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    mild, mix = parse_attent({"preset": "attent-mild"}), parse_attent({"preset": "attent-mix"})
+    assert (mild.selection.method, mild.selection.temperature, mild.selection.per_source) == \
+        ("soft", 2.0, True)
+    assert mix.selection.temperature == 0.5
+    assert mild.model_dump(exclude={"preset", "selection"}) == \
+        mix.model_dump(exclude={"preset", "selection"})
+    for path in [*sorted((root / "configs").glob("*.json")), root / "examples/ds_config.json"]:
+        section = json.loads(path.read_text()).get("attent")
+        if section is not None and "finetune" not in path.name:
+            assert section["preset"] == "attent-mild", path
+
+
 def test_user_keys_override_preset_keys_and_nested_keys_merge():
     cfg = parse_attent({
         "preset": "attent-complex",

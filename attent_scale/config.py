@@ -184,9 +184,8 @@ class AttentConfig(_Strict):
     default (a fresh soft top-70% each pass on losses normalised within each source, each source
     keeping its share, with a mild preference for high loss: temperature 2); attent-mix: the
     same, sharper (temperature 0.5); attent-soft: attent-mix on raw losses; attent-simple: the
-    paper's LLM
-    recipe; attent-complex: the paper's cycles; random: the budget-matched control; infobatch:
-    InfoBatch at a fixed 70% budget, rescaled, with a full last pass."""
+    paper's LLM recipe; attent-complex: the paper's cycles; random: the budget-matched control;
+    infobatch: InfoBatch at a fixed 70% budget, rescaled, with a full last pass."""
     seed: int = Field(0, ge=0, lt=2 ** 63)
     """Seed of every teacher draw. Each draw uses a generator made from (seed, pass, purpose);
     numpy's seed sequences take non-negative integers, and checkpoints store it as int64."""

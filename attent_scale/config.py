@@ -261,13 +261,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "selection": {"method": "hard"},
     },
     # The shipped default, the safest policy measured on the protocol of docs/bench/PROTOCOL.md
-    # (docs/BENCHMARKS.md §8b): losses z-scored within each source (code, prose, ...), each
-    # source keeping its share of the budget, drawn by Gumbel-top-k on softmax(z / 2), so an
-    # example one standard deviation above its source's mean is only e^0.5 = 1.65 times as
-    # likely to be drawn as a typical one. Few passes over more data (16M model, prose and a
-    # code + prose mixture): ahead of random in 6 of 6 seeds, as attent-mix. Many passes over
-    # little data (95M, code, prose, mixture): level with random (5 of 9 seeds ahead, mean
-    # +0.005 nats, within run-to-run noise), where attent-mix lost in 9 of 9 (up to 0.11 nats).
+    # (docs/BENCHMARKS.md §8b, §8c): losses z-scored within each source (code, prose, ...),
+    # each source keeping its share of the budget, drawn by Gumbel-top-k on softmax(z / 2), so
+    # an example one standard deviation above its source's mean is only e^0.5 = 1.65 times as
+    # likely to be drawn as a typical one. Few passes (95M): ahead of random and of full data at
+    # equal steps on a code + prose mixture (3 of 3 seeds), level on prose; 16M: ahead on both.
+    # 8 passes over little data (95M): level with random (5 of 9 seeds), where attent-mix lost
+    # 9 of 9; 12 passes: behind random (2 of 9), so such jobs should train on all the data.
     "attent-mild": {
         "signal": "loss",
         "source": "free",

@@ -90,16 +90,29 @@ def test_protocol_report_joins_bench_ttq_outputs(tmp_path, capsys):
             "attent-mix": {"0": run(74, 4.4 + shift), "1": {"optimizer_steps": 30,
                                                             "final_loss": None}}}}))
     earlier = tmp_path / "earlier.json"
-    earlier.write_text(json.dumps({"100m|code|full@0.7": {"0": [70, 4.6], "1": [70, 4.7]}}))
+    earlier.write_text(json.dumps({"100m|code|full@0.7": {"0": [70, 4.6], "1": [70, 4.7]},
+                                   # a later call that finished attent-mix's seed 1
+                                   "100m|code|attent-mix": {"1": [74, 4.65]}}))
     joined = tmp_path / "joined.json"
     assert report.main([str(earlier), "--ttq", f"100m={tmp_path / 'c100'}",
                         "--write", str(joined)]) == 0
     runs = json.loads(joined.read_text())
     assert runs["100m|prose|random"] == {"0": [74, 5.5], "1": [74, 5.6]}
-    assert runs["100m|code|attent-mix"] == {"0": [74, 4.4]}  # seed 1 never finished
+    # seed 1 never finished in c100; the earlier JSON's seed 1 is kept beside c100's seed 0
+    assert runs["100m|code|attent-mix"] == {"0": [74, 4.4], "1": [74, 4.65]}
+    assert runs["100m|prose|attent-mix"] == {"0": [74, 5.4]}
     assert runs["100m|code|full@0.7"] == {"0": [70, 4.6], "1": [70, 4.7]}
     text = capsys.readouterr().out
-    # attent-mix 0.1 below random at equal steps on its one seed, on both corpora
-    assert text.count("| attent-mix | 1 |") == 2 and "-0.1000 | 1/1 |" in text
+    # code: 0.1 below random on seed 0 and 0.05 above on seed 1; prose: 0.1 below on its seed
+    assert "| attent-mix | 2 | 4.4000, 4.6500 | -0.0250 [-0.1000, +0.0500] | 1/2 |" in text
+    assert "| attent-mix | 1 | 5.4000 | -0.1000 | 1/1 |" in text
+    # against full data at 74 steps, read between each seed's full@0.7 and full@1.0 on code
+    # (seed 0: 4.6 - 0.6 * 4/30 = 4.52; seed 1: 4.7 - 0.5 * 4/30 = 4.6333); prose has no
+    # full@0.7, so 74 steps lie outside its full-data runs and the cell stays empty
+    assert "| attent-mix | 2 | 4.4000, 4.6500 | -0.0250 [-0.1000, +0.0500] | 1/2 | " \
+        "-0.0517 [-0.1200, +0.0167] | 1/2 |" in text
+    assert "| random | 2 | 4.5000, 4.6000 | control |  | -0.0267 [-0.0333, -0.0200] | 2/2 |" \
+        in text
+    assert "| attent-mix | 1 | 5.4000 | -0.1000 | 1/1 | – |  |" in text
     with pytest.raises(SystemExit):
         report.main(["--ttq", f"100m={tmp_path / 'nothing'}"])

@@ -101,6 +101,14 @@ POLICIES: dict[str, dict[str, Any]] = {
     "soft-fgrad": {"preset": "attent-soft", "signal": "fgrad_norm"},
     "soft-attn": {"preset": "attent-soft", "signal": "attention_fgrad"},
     "infobatch-fgrad": {"preset": "infobatch", "signal": "fgrad_norm"},
+    # The paper's signals and the learnability score under the shipped default's selection
+    # (mixture-soft-T2, the preset attent-mild), spelled out as mixture-soft-T2 is.
+    "mild-fgrad": {"preset": "attent-soft", "signal": "fgrad_norm",
+                   "selection": {"per_source": True, "temperature": 2.0}},
+    "mild-attn": {"preset": "attent-soft", "signal": "attention_fgrad",
+                  "selection": {"per_source": True, "temperature": 2.0}},
+    "mild-drop": {"preset": "attent-soft", "score": "drop",
+                  "selection": {"per_source": True, "temperature": 2.0}},
     # Earlier sweeps (docs/BENCHMARKS.md §2 and §2b), kept so their commands still run.
     "soft-log-rescale": {"selection": {"method": "soft", "transform": "log", "temperature": 1.0,
                                        "rescale": True},

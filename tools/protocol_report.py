@@ -8,9 +8,12 @@ applies bench_ttq's own arithmetic (frontiers, paired differences, steps to targ
     python tools/protocol_report.py --ttq 100m=runs/c100 --ttq small-fp=runs/fp --write joined.json
 
 The input maps ``"<scale>|<corpus>|<arm>"`` to ``{seed: [optimizer steps, final val loss]}``.
-Per scale and corpus it prints, for every teacher arm: the paired difference of final loss
-against the budget-matched random control at equal steps (negative = better; read on each seed's
-random budgets), the step saving at the arm's final loss against the full-data frontier (built
+Runs of one arm given by several inputs are joined seed by seed (a device call that lost one
+seed can be completed by another). Per scale and corpus it prints, for every teacher arm: the
+paired difference of final loss against the budget-matched random control at equal steps
+(negative = better; read on each seed's random budgets), the same against full data at equal
+steps (read on each seed's full@F budgets: is the arm below the full-data frontier?), the step
+saving at the arm's final loss against the full-data frontier (built
 from the full@F means), and, where the arm ran at several budgets (ARM@X), the steps its own
 frontier needs to reach full@1.0's mean loss.
 """
@@ -61,11 +64,16 @@ def report(runs: dict[str, dict[str, list]]) -> str:
             if family(arm) == "random":
                 for seed, point in r.items():
                     control[seed].append(point)
+        full_seeds: dict[int, list[tuple[float, float]]] = defaultdict(list)
+        for r in full.values():
+            for seed, point in r.items():
+                full_seeds[seed].append(point)
         lines += [f"## {scale}, {corpus}", "",
                   f"target: full@1.0 mean loss {target:.4f} at {target_steps:.0f} steps" if target
                   else "target: no full@1.0 run", "",
-                  "| arm | seeds | final loss | Δ vs random at equal steps | better | saving at "
-                  "final loss | steps to target (own frontier) |", "|---|---|---|---|---|---|---|"]
+                  "| arm | seeds | final loss | Δ vs random at equal steps | better | Δ vs full "
+                  "data at equal steps | better | saving at final loss | steps to target (own "
+                  "frontier) |", "|---|---|---|---|---|---|---|---|---|"]
         families: dict[str, list[str]] = defaultdict(list)
         for arm in arms:
             families[family(arm)].append(arm)
@@ -74,6 +82,9 @@ def report(runs: dict[str, dict[str, list]]) -> str:
                 continue
             base = arms.get(fam, {})
             diff = paired_difference(base, control) if fam != "random" else None
+            vs_full = paired_difference(base, full_seeds)
+            full_diffs = [v for v in vs_full["per_seed"].values() if v is not None]
+            full_better = f"{vs_full['better']}/{vs_full['n']}" if full_diffs else ""
             savings = [saving(s, frontier_time(frontier, loss)) for s, loss in base.values()]
             points = [(statistics.fmean(v[0] for v in arms[m].values()),
                        statistics.fmean(v[1] for v in arms[m].values())) for m in members
@@ -88,6 +99,7 @@ def report(runs: dict[str, dict[str, list]]) -> str:
             lines.append(
                 f"| {fam} | {len(base)} | {losses} | "
                 f"{'control' if diff is None else fmt(diffs)} | {better} | "
+                f"{fmt(full_diffs)} | {full_better} | "
                 f"{fmt([s for s in savings if s is not None], pct=True)} | {tt_cell} |")
         lines.append("")
     return "\n".join(lines)
@@ -119,13 +131,20 @@ def main(argv=None) -> int:
     p.add_argument("--write", default=None, help="also write the joined runs to this JSON file")
     args = p.parse_args(argv)
     joined: dict[str, dict[str, list]] = {}
-    for path in args.runs:
-        joined.update(json.loads(Path(path).read_text()))
+    sources = [(path, json.loads(Path(path).read_text())) for path in args.runs]
     for spec in args.ttq:
         scale, sep, where = spec.partition("=")
         if not sep or not scale or "|" in scale:
             p.error(f"--ttq {spec!r}: expected SCALE=DIR (SCALE without '|')")
-        joined.update(runs_from_ttq(scale, Path(where)))
+        sources.append((where, runs_from_ttq(scale, Path(where))))
+    for where, runs in sources:
+        for key, seeds in runs.items():
+            have = joined.setdefault(key, {})
+            for seed, point in seeds.items():
+                if seed in have and list(have[seed]) != list(point):
+                    print(f"protocol_report: {key} seed {seed} is in two inputs; keeping the "
+                          f"one from {where} ({point}, not {have[seed]})", file=sys.stderr)
+                have[seed] = point
     if not joined:
         p.error("nothing to report: give a runs JSON or --ttq SCALE=DIR")
     if args.write:

@@ -109,6 +109,8 @@ POLICIES: dict[str, dict[str, Any]] = {
                   "selection": {"per_source": True, "temperature": 2.0}},
     "mild-drop": {"preset": "attent-soft", "score": "drop",
                   "selection": {"per_source": True, "temperature": 2.0}},
+    "mild-rho": {"preset": "attent-soft", "score": "reducible",
+                 "selection": {"per_source": True, "temperature": 2.0}},
     # Earlier sweeps (docs/BENCHMARKS.md §2 and §2b), kept so their commands still run.
     "soft-log-rescale": {"selection": {"method": "soft", "transform": "log", "temperature": 1.0,
                                        "rescale": True},

@@ -512,7 +512,8 @@ def test_policies_are_valid_and_named_apart_from_presets():
     # mild-rho is the shipped default's selection ranking the reducible loss: the same config
     # as {"preset": "attent-mild", "score": "reducible"}, which README recommends by that name.
     as_bench = parse_attent({**bm.POLICIES["mild-rho"], "seed": 0}).model_dump()
-    as_readme = parse_attent({"preset": "attent-mild", "score": "reducible", "seed": 0}).model_dump()
+    as_readme = parse_attent({"preset": "attent-mild", "score": "reducible",
+                              "seed": 0}).model_dump()
     assert {k: v for k, v in as_bench.items() if k != "preset"} == \
         {k: v for k, v in as_readme.items() if k != "preset"}
 

@@ -152,12 +152,16 @@ def make_comm(group: Optional[dist.ProcessGroup] = None) -> LocalComm | DistComm
 
 
 def shutdown() -> None:
-    """Destroys the default process group at a job's normal end.
+    """Destroys the default process group at a job's end, before interpreter exit.
 
-    Left to interpreter exit, gloo's worker threads can outlive the interpreter and abort the
-    process (SIGABRT after a successful run, seen in the Trainer job's stop-and-resume test).
-    Garbage is collected first: without it, a resumed gloo run of tests/test_user_loop.py still
-    aborted about one time in five, in the interpreter's last collection (gloo threads alive).
+    Left to interpreter exit, gloo's worker threads can outlive the interpreter and abort a
+    process after a successful run (SIGABRT, "terminate called without an active exception";
+    seen in the Trainer job's stop-and-resume test and in the multi-rank tests' workers). A
+    group's threads end when nothing references it any more, not when it is destroyed. So: call
+    this after the function that built the engine, model and data has returned, and collect
+    garbage first, since an engine or a model with hooks holds its groups in reference cycles
+    that only a collection frees (else the interpreter's last one, at exit, does: the abort).
+    tests/teardown_worker.py counts the threads left either way.
     """
     gc.collect()
     if dist.is_available() and dist.is_initialized():

@@ -81,7 +81,13 @@ def stop_after(steps: int):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    code = train(parse_args(argv))
+    from .comm import shutdown
+    shutdown()  # once train's frames (the Trainer, the model) are gone: see comm.shutdown
+    return code
+
+
+def train(args: argparse.Namespace) -> int:
     from .startup import quiet_known_warnings, skip_shm_allreduce
     quiet_known_warnings()  # before DeepSpeed is imported: it warns while it is imported
     import torch
@@ -89,7 +95,7 @@ def main(argv=None) -> int:
     from transformers.trainer_utils import get_last_checkpoint
 
     from . import instruct
-    from .comm import make_comm, shutdown
+    from .comm import make_comm
     from .gsm8k import load_causal_lm
     from .hf_trainer import AttentTrainer
     from .runlock import lock_output_dir
@@ -161,7 +167,6 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"stopped after step {trainer.state.global_step} (--stop-after); resume with "
                   "the same command", flush=True)
-        shutdown()
         return 0
 
     # -- save and report ------------------------------------------------------------------------
@@ -178,7 +183,6 @@ def main(argv=None) -> int:
         (out / "result.json").write_text(json.dumps(report, indent=1))
         print(json.dumps({k: report[k] for k in ("teacher", "steps") if k in report} |
                          {k: v for k, v in metrics.items() if "loss" in k or "runtime" in k}))
-    shutdown()
     return 0
 
 

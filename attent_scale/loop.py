@@ -145,9 +145,12 @@ def run_main(name: str, args, body: Callable[[], int]) -> int:
     exit code 1; ``--debug`` prints the traceback behind it first. Anything else is a bug (ours or
     a library's) and keeps its traceback. Exit code 2 stays what argparse and the output-directory
     lock use it for: the command itself was refused before it started.
+
+    The process group ends here, once ``body``'s frames (the engine, the model, the data) are
+    gone, not inside it: see :func:`attent_scale.comm.shutdown`.
     """
     try:
-        return body()
+        code = body()
     except (SystemExit, Exception) as exc:
         line = expected_failure(exc)
         if line is None:
@@ -161,12 +164,15 @@ def run_main(name: str, args, body: Callable[[], int]) -> int:
         from tqdm import tqdm
         tqdm.write(line, file=sys.stderr)  # on a line of its own, not after a progress bar's
         sys.stderr.flush()
-        from .comm import shutdown
-        try:
-            shutdown()  # gloo's threads, left to interpreter exit, can abort the process
-        except Exception:  # noqa: BLE001 - a peer may be gone already; the line is what matters
-            pass
-        return 1
+        code = 1
+    # Past the except block: the exception and the frames its traceback held are released.
+    from .comm import shutdown
+    try:
+        shutdown()
+    except Exception:  # noqa: BLE001 - after a failure a peer may be gone; the line is what matters
+        if code == 0:
+            raise
+    return code
 
 
 def expected_failure(exc: BaseException) -> Optional[str]:

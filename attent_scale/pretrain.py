@@ -41,7 +41,7 @@ def train(args) -> int:
     from torch.utils.data import DataLoader
 
     from . import deepspeed_plugin as dsp
-    from .comm import make_comm, shutdown
+    from .comm import make_comm
     from .loop import Progress, Run, local_device, open_job, resume_elastic, train_forward
     from .model import describe
     from .monitor import open_monitor
@@ -111,7 +111,6 @@ def train(args) -> int:
         if run.end_pass(p):
             break
     run.finish("off (plain DeepSpeed)", f"{args.model} on {job.meta['num_train']} sequences")
-    shutdown()
     return 0
 
 

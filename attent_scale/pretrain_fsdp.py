@@ -45,7 +45,7 @@ def train(args) -> int:
         raise SystemExit(f"attent-pretrain-fsdp: {args.deepspeed_config}: {exc}") from None
     from torch.utils.data import DataLoader
 
-    from .comm import make_comm, shutdown
+    from .comm import make_comm
     from .loop import Progress, Run, local_device, open_job, train_forward
     from .model import describe
     from .monitor import open_monitor
@@ -131,7 +131,6 @@ def train(args) -> int:
             break
     run.finish("off (plain FSDP2)",
                f"{args.model} on {job.meta['num_train']} sequences (FSDP2)")
-    shutdown()
     return 0
 
 

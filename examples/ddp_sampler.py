@@ -9,6 +9,7 @@ batch, and the loss, which ``sampler.update`` returns after recording the batch'
 the "attent" section of the config file is read.
 """
 import argparse
+import gc
 import inspect
 import json
 import os
@@ -70,8 +71,12 @@ def main():
             optimizer.zero_grad()
         if dist.get_rank() == 0:
             print(f"epoch {epoch}: last loss {loss.item():.3f}", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # End the process group after main has returned, collecting first: a model or engine holds
+    # its group in reference cycles, and a group still referenced at exit keeps gloo's threads,
+    # which can abort a rank after a successful run.
+    gc.collect()
+    dist.destroy_process_group()

@@ -11,6 +11,7 @@ section of the JSON switches the teacher on; without it this is plain DeepSpeed,
 (plain ``deepspeed.initialize`` refuses "auto" there).
 """
 import argparse
+import gc
 import inspect
 import json
 import os
@@ -65,3 +66,9 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # End the process group after main has returned, collecting first: a model or engine holds
+    # its group in reference cycles, and a group still referenced at exit keeps gloo's threads,
+    # which can abort a rank after a successful run.
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

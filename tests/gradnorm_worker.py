@@ -146,9 +146,11 @@ def main() -> int:
         result = {"sharded": sharded, **{str(r): g for r, g in enumerate(gathered)}}
         Path(args.out).write_text(json.dumps(result, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from attent_scale.comm import shutdown
+    shutdown()  # once main's objects (model, groups) are gone: see attent_scale.comm.shutdown
+    sys.exit(code)

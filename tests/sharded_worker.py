@@ -132,8 +132,9 @@ def main() -> None:
         t.load_state_dict(*Teacher.read(Path(sys.argv[5])))
         res["resumed/ids"] = t.begin_pass(2)[0].ids
     np.savez(out / f"rank{rank}.npz", **res)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    from attent_scale.comm import shutdown
+    shutdown()  # once main's objects (model, groups) are gone: see attent_scale.comm.shutdown

@@ -117,7 +117,6 @@ def register(corpus: str, rounds: int) -> None:
         with shared_memory_session(comm) as track:
             track(SubsetStreamingDataset(local=str(Path(corpus) / "train"), batch_size=8))
     comm.barrier()
-    dist.destroy_process_group()
     print(f"rank {comm.rank}: {rounds} datasets opened", flush=True)
 
 
@@ -130,6 +129,8 @@ def race(spec: dict) -> dict:
 if __name__ == "__main__":
     if sys.argv[1] == "register":
         register(sys.argv[2], int(sys.argv[3]))
+        from attent_scale.comm import shutdown
+        shutdown()  # once register's objects are gone: see attent_scale.comm.shutdown
     else:
         spec = json.loads(Path(sys.argv[2]).read_text())
         result = {"overlap": overlap, "same_out": same_out, "race": race}[sys.argv[1]](spec)

@@ -116,3 +116,32 @@ def test_protocol_report_joins_bench_ttq_outputs(tmp_path, capsys):
     assert "| attent-mix | 1 | 5.4000 | -0.1000 | 1/1 | – |  |" in text
     with pytest.raises(SystemExit):
         report.main(["--ttq", f"100m={tmp_path / 'nothing'}"])
+
+
+def test_protocol_report_counts_a_reference_model_and_filters_keys(tmp_path, capsys):
+    """An arm that paid for a reference model (bench_ttq's cost_steps) gets a second saving with
+    that compute added; FILE::PATTERN keeps only the matching keys of a file."""
+    import json
+    report = _tool("protocol_report")
+    (tmp_path / "c" / "code").mkdir(parents=True)
+    (tmp_path / "c" / "code" / "ttq.json").write_text(json.dumps({"runs": {
+        "random": {"0": {"optimizer_steps": 70, "final_loss": 4.6, "cost_steps": 70}},
+        "rho": {"0": {"optimizer_steps": 70, "final_loss": 4.3, "cost_steps": 75}}}}))
+    frontier = tmp_path / "full.json"
+    frontier.write_text(json.dumps({"s|code|full@0.5": {"0": [50, 5.0]},
+                                    "s|code|full@1.0": {"0": [100, 4.0]},
+                                    "s|code|other": {"0": [70, 9.0]}}))
+    joined = tmp_path / "joined.json"
+    assert report.main([f"{frontier}::s|code|full@*", "--ttq", f"s={tmp_path / 'c'}",
+                        "--write", str(joined)]) == 0
+    runs = json.loads(joined.read_text())
+    assert runs["s|code|rho"] == {"0": [70, 4.3, 75]} and runs["s|code|random"] == {"0": [70, 4.6]}
+    assert "s|code|other" not in runs
+    text = capsys.readouterr().out
+    # 4.3 lies at 50 + 50 * 0.7 = 85 steps on the frontier: 1 - 70/85 = +17.6%; with the
+    # reference counted 1 - 75/85 = +11.8%; random ends on the frontier (4.6 at 70 steps) and
+    # pays nothing: +0.0% twice
+    assert "| saving at final loss | saving, reference counted |" in text
+    assert "| +17.6% | +11.8% |" in text and "| +0.0% | +0.0% |" in text
+    with pytest.raises(SystemExit):
+        report.main([f"{frontier}::nothing|*"])

@@ -152,6 +152,26 @@ def runs(tiny_corpus, tmp_path_factory) -> dict:
             "after_selection": after_selection, "corpus": tiny_corpus}
 
 
+def test_a_jobs_process_group_ends_with_its_threads_before_exit(tmp_path):
+    """run_main ends the group once the job's body has returned, finished or failed, though the
+    body held its groups in a reference cycle to the end: every gloo thread is gone before the
+    interpreter exits, where a live one can abort a rank after a successful run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    for case, code in (("ok", 0), ("fail", 1)):
+        out = tmp_path / f"{case}.json"
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                               "2", "--master_port", str(free_port()),
+                               str(ROOT / "tests" / "teardown_worker.py"), case, str(out)],
+                              cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=HANG_TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(out.read_text())
+        assert res["code"] == code and not res["initialized"], res
+        assert res["running"] > res["before"], f"the group started no thread: {res}"
+        assert res["after"] == res["before"], f"{case}: threads outlived run_main: {res}"
+
+
 def test_exact_resume_rank_kill_and_atomic_checkpoints(runs, tmp_path):
     cfg, ref, corpus = runs["cfg"], runs["ref"], runs["corpus"]
     steps0, steps1 = runs["steps0"], runs["steps1"]

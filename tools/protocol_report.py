@@ -6,20 +6,28 @@ applies bench_ttq's own arithmetic (frontiers, paired differences, steps to targ
 
     python tools/protocol_report.py docs/bench/protocol-2026-12-02.json
     python tools/protocol_report.py --ttq 100m=runs/c100 --ttq small-fp=runs/fp --write joined.json
+    python tools/protocol_report.py 'earlier.json::100m|*|full@*' later.json
 
-The input maps ``"<scale>|<corpus>|<arm>"`` to ``{seed: [optimizer steps, final val loss]}``.
+``FILE::PATTERN`` keeps only that file's keys matching the shell-style pattern (one call's
+full-data frontier joined with another call's teacher arms).
+
+The input maps ``"<scale>|<corpus>|<arm>"`` to ``{seed: [optimizer steps, final val loss]}``, or
+``[steps, loss, cost steps]`` for an arm that needed a reference model (RHO-LOSS): its steps plus
+the reference's compute in steps of the job (bench_ttq's ``cost_steps``).
 Runs of one arm given by several inputs are joined seed by seed (a device call that lost one
 seed can be completed by another). Per scale and corpus it prints, for every teacher arm: the
 paired difference of final loss against the budget-matched random control at equal steps
 (negative = better; read on each seed's random budgets), the same against full data at equal
 steps (read on each seed's full@F budgets: is the arm below the full-data frontier?), the step
 saving at the arm's final loss against the full-data frontier (built
-from the full@F means), and, where the arm ran at several budgets (ARM@X), the steps its own
-frontier needs to reach full@1.0's mean loss.
+from the full@F means; where a reference model's compute is given, the same saving with it
+counted), and, where the arm ran at several budgets (ARM@X), the steps its own frontier needs to
+reach full@1.0's mean loss.
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import statistics
 import sys
@@ -46,11 +54,19 @@ def fmt(values: list[float], pct: bool = False) -> str:
 
 def report(runs: dict[str, dict[str, list]]) -> str:
     table: dict[tuple[str, str], dict[str, dict[int, tuple[float, float]]]] = defaultdict(dict)
+    # (scale, corpus) -> arm -> seed -> steps with a reference model's compute added
+    costs: dict[tuple[str, str], dict[str, dict[int, float]]] = defaultdict(dict)
     for key, seeds in runs.items():
         scale, corpus, arm = key.split("|")
         table[(scale, corpus)][arm] = {int(s): (float(v[0]), float(v[1])) for s, v in seeds.items()}
+        costs[(scale, corpus)][arm] = {int(s): float(v[2] if len(v) > 2 else v[0])
+                                       for s, v in seeds.items()}
     lines = []
     for (scale, corpus), arms in sorted(table.items()):
+        # The extra column only where some arm paid for a reference model: read beside the
+        # plain saving, it says whether the teacher still saves once that compute is counted.
+        counted = any(c != arms[arm][s][0] for arm, cs in costs[(scale, corpus)].items()
+                      for s, c in cs.items())
         full = {a: r for a, r in arms.items() if a.startswith("full@")}
         means = [(statistics.fmean(v[0] for v in r.values()),
                   statistics.fmean(v[1] for v in r.values())) for r in full.values() if r]
@@ -72,8 +88,10 @@ def report(runs: dict[str, dict[str, list]]) -> str:
                   f"target: full@1.0 mean loss {target:.4f} at {target_steps:.0f} steps" if target
                   else "target: no full@1.0 run", "",
                   "| arm | seeds | final loss | Δ vs random at equal steps | better | Δ vs full "
-                  "data at equal steps | better | saving at final loss | steps to target (own "
-                  "frontier) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "data at equal steps | better | saving at final loss | "
+                  + ("saving, reference counted | " if counted else "")
+                  + "steps to target (own frontier) |",
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if counted else "") + "---|"]
         families: dict[str, list[str]] = defaultdict(list)
         for arm in arms:
             families[family(arm)].append(arm)
@@ -86,6 +104,11 @@ def report(runs: dict[str, dict[str, list]]) -> str:
             full_diffs = [v for v in vs_full["per_seed"].values() if v is not None]
             full_better = f"{vs_full['better']}/{vs_full['n']}" if full_diffs else ""
             savings = [saving(s, frontier_time(frontier, loss)) for s, loss in base.values()]
+            cost = costs[(scale, corpus)].get(fam, {})
+            counted_savings = [saving(cost[seed], frontier_time(frontier, loss))
+                               for seed, (_, loss) in base.items()]
+            counted_cell = (fmt([s for s in counted_savings if s is not None], pct=True) + " | "
+                            if counted else "")
             points = [(statistics.fmean(v[0] for v in arms[m].values()),
                        statistics.fmean(v[1] for v in arms[m].values())) for m in members
                       if arms[m]]
@@ -100,7 +123,8 @@ def report(runs: dict[str, dict[str, list]]) -> str:
                 f"| {fam} | {len(base)} | {losses} | "
                 f"{'control' if diff is None else fmt(diffs)} | {better} | "
                 f"{fmt(full_diffs)} | {full_better} | "
-                f"{fmt([s for s in savings if s is not None], pct=True)} | {tt_cell} |")
+                f"{fmt([s for s in savings if s is not None], pct=True)} | {counted_cell}"
+                f"{tt_cell} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -118,6 +142,10 @@ def runs_from_ttq(scale: str, out: Path) -> dict[str, dict[str, list]]:
         for arm, seeds in json.loads(f.read_text())["runs"].items():
             done = {s: [r["optimizer_steps"], r["final_loss"]] for s, r in seeds.items()
                     if r.get("final_loss") is not None}
+            for s, point in done.items():  # a reference model's compute, where it was counted
+                cost = seeds[s].get("cost_steps")
+                if cost is not None and cost != point[0]:
+                    point.append(cost)
             if done:
                 joined[f"{scale}|{corpus}|{arm}"] = done
     return joined
@@ -125,13 +153,23 @@ def runs_from_ttq(scale: str, out: Path) -> dict[str, dict[str, list]]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="*", help="JSON: '<scale>|<corpus>|<arm>' -> {seed: [steps, loss]}")
+    p.add_argument("runs", nargs="*", metavar="FILE[::PATTERN]",
+                   help="JSON: '<scale>|<corpus>|<arm>' -> {seed: [steps, loss]}; with ::PATTERN "
+                        "only the keys that match it (fnmatch)")
     p.add_argument("--ttq", action="append", default=[], metavar="SCALE=DIR",
                    help="add the finished runs of a bench_ttq.py --out DIR under the label SCALE")
     p.add_argument("--write", default=None, help="also write the joined runs to this JSON file")
     args = p.parse_args(argv)
     joined: dict[str, dict[str, list]] = {}
-    sources = [(path, json.loads(Path(path).read_text())) for path in args.runs]
+    sources = []
+    for spec in args.runs:
+        path, _, pattern = spec.partition("::")
+        runs = json.loads(Path(path).read_text())
+        if pattern:
+            runs = {k: v for k, v in runs.items() if fnmatch.fnmatchcase(k, pattern)}
+            if not runs:
+                p.error(f"{spec}: no key of {path} matches {pattern!r}")
+        sources.append((path, runs))
     for spec in args.ttq:
         scale, sep, where = spec.partition("=")
         if not sep or not scale or "|" in scale:
@@ -141,9 +179,12 @@ def main(argv=None) -> int:
         for key, seeds in runs.items():
             have = joined.setdefault(key, {})
             for seed, point in seeds.items():
-                if seed in have and list(have[seed]) != list(point):
+                old = have.get(seed)
+                if old is not None and list(old[:2]) != list(point[:2]):
                     print(f"protocol_report: {key} seed {seed} is in two inputs; keeping the "
-                          f"one from {where} ({point}, not {have[seed]})", file=sys.stderr)
+                          f"one from {where} ({point}, not {old})", file=sys.stderr)
+                elif old is not None and len(old) > len(point):
+                    continue  # the same run; one input also knew its reference cost
                 have[seed] = point
     if not joined:
         p.error("nothing to report: give a runs JSON or --ttq SCALE=DIR")

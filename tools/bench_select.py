@@ -23,8 +23,14 @@ from pathlib import Path
 import numpy as np
 
 
-def _worker(rank: int, world: int, port: str, n: int, ratio: float, repeat: int,
-            gather_ids: bool, q) -> None:
+def _worker(*args) -> None:
+    _measure(*args)
+    from attent_scale.comm import shutdown
+    shutdown()  # once _measure's objects are gone: see attent_scale.comm.shutdown
+
+
+def _measure(rank: int, world: int, port: str, n: int, ratio: float, repeat: int,
+             gather_ids: bool, q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     import torch.distributed as dist
 
@@ -68,7 +74,6 @@ def _worker(rank: int, world: int, port: str, n: int, ratio: float, repeat: int,
     out["peak_rss_bytes"] = int(comm.all_reduce(np.array([peak], dtype=np.int64), "max")[0])
     if rank == 0:
         q.put(out)
-    dist.destroy_process_group()
 
 
 def run_size(n: int, world: int, ratio: float, repeat: int, gather_ids: bool) -> dict:

@@ -118,6 +118,28 @@ def test_protocol_report_joins_bench_ttq_outputs(tmp_path, capsys):
         report.main(["--ttq", f"100m={tmp_path / 'nothing'}"])
 
 
+def test_protocol_report_reads_steps_to_target_on_a_policys_own_frontier(tmp_path, capsys):
+    """ARM@X budgets give a policy its own frontier: the steps where it reaches full@1.0's mean
+    loss are interpolated on it, given as a bound when its smallest budget already got there,
+    and left empty (no failure) on a corpus without full@1.0."""
+    import json
+    report = _tool("protocol_report")
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps({
+        "s|code|full@1.0": {"0": [100, 4.0], "1": [100, 4.2]},    # target 4.1 at 100 steps
+        "s|code|slow": {"0": [80, 4.5]}, "s|code|slow@1.3": {"0": [104, 4.0]},
+        "s|code|fast": {"0": [80, 4.05]}, "s|code|fast@1.3": {"0": [104, 3.9]},
+        "s|prose|fast": {"0": [80, 4.05]}, "s|prose|fast@1.3": {"0": [104, 3.9]}}))
+    assert report.main([str(runs)]) == 0
+    text = capsys.readouterr().out
+    # slow: 4.5 -> 4.0 over 80 -> 104 steps reaches 4.1 at 80 + 24 * 0.8 = 99.2: +0.8%
+    assert "| slow | 1 | 4.5000 |" in text and "| 99 (+0.8%) |" in text
+    # fast: its 80-step run already ends below 4.1: at most 80 steps, a saving of at least 20%
+    assert "| ≤ 80 (+20.0%, smallest budget) |" in text
+    prose = text.split("## s, prose")[1]
+    assert "target: no full@1.0 run" in prose and prose.rstrip().endswith("| – |")
+
+
 def test_protocol_report_counts_a_reference_model_and_filters_keys(tmp_path, capsys):
     """An arm that paid for a reference model (bench_ttq's cost_steps) gets a second saving with
     that compute added; FILE::PATTERN keeps only the matching keys of a file."""

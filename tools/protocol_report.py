@@ -52,6 +52,18 @@ def fmt(values: list[float], pct: bool = False) -> str:
     return f(mean) if len(values) == 1 else f"{f(mean)} [{f(min(values))}, {f(max(values))}]"
 
 
+def target_cell(tt: dict | None) -> str:
+    """The steps-to-target cell: measured, a bound (the smallest budget already got there), not
+    reached, or empty (a single budget, or no full@1.0 to give the target)."""
+    if tt is None or tt["status"] == "no runs":
+        return "–"
+    if tt["status"] == "not reached":
+        return f"not reached (best {tt['best_loss']:.4f} at {tt['best_steps']:.0f})"
+    bound = "≤ " if tt["bound"] else ""
+    suffix = ", smallest budget" if tt["bound"] else ""
+    return f"{bound}{tt['steps']:.0f} ({tt['saving']:+.1%}{suffix})"
+
+
 def report(runs: dict[str, dict[str, list]]) -> str:
     table: dict[tuple[str, str], dict[str, dict[int, tuple[float, float]]]] = defaultdict(dict)
     # (scale, corpus) -> arm -> seed -> steps with a reference model's compute added
@@ -113,9 +125,7 @@ def report(runs: dict[str, dict[str, list]]) -> str:
                        statistics.fmean(v[1] for v in arms[m].values())) for m in members
                       if arms[m]]
             tt = steps_to_target(points, target, target_steps) if len(members) > 1 else None
-            tt_cell = "–" if tt is None else (
-                f"{tt['steps']:.0f} ({tt['saving']:+.1%})" if tt["steps"] is not None else
-                f"not reached (best {tt['best_loss']:.4f} at {tt['best_steps']:.0f})")
+            tt_cell = target_cell(tt)
             diffs = [] if diff is None else [v for v in diff["per_seed"].values() if v is not None]
             better = "" if diff is None else "{}/{}".format(diff["better"], diff["n"])
             losses = ", ".join(f"{v[1]:.4f}" for _, v in sorted(base.items()))

@@ -132,10 +132,13 @@ def test_protocol_report_reads_steps_to_target_on_a_policys_own_frontier(tmp_pat
         "s|prose|fast": {"0": [80, 4.05]}, "s|prose|fast@1.3": {"0": [104, 3.9]}}))
     assert report.main([str(runs)]) == 0
     text = capsys.readouterr().out
-    # slow: 4.5 -> 4.0 over 80 -> 104 steps reaches 4.1 at 80 + 24 * 0.8 = 99.2: +0.8%
-    assert "| slow | 1 | 4.5000 |" in text and "| 99 (+0.8%) |" in text
-    # fast: its 80-step run already ends below 4.1: at most 80 steps, a saving of at least 20%
-    assert "| ≤ 80 (+20.0%, smallest budget) |" in text
+    # slow: 4.5 -> 4.0 over 80 -> 104 steps reaches 4.1 at 80 + 24 * 0.8 = 99.2: +0.8%; its one
+    # seed against that seed's full@1.0 (4.0 at 100 steps) only at 104 steps: -4.0%
+    assert "| slow | 1 | 4.5000 |" in text
+    assert "| 99 (+0.8%); per seed -4.0% (1/1 seeds reached) |" in text
+    # fast: its 80-step run already ends below 4.1: at most 80 steps, a saving of at least 20%;
+    # seed 0 reaches 4.0 at 80 + 24 * 0.05 / 0.15 = 88 steps: +12.0%
+    assert "| ≤ 80 (+20.0%, smallest budget); per seed +12.0% (1/1 seeds reached) |" in text
     prose = text.split("## s, prose")[1]
     assert "target: no full@1.0 run" in prose and prose.rstrip().endswith("| – |")
 

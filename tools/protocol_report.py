@@ -64,6 +64,20 @@ def target_cell(tt: dict | None) -> str:
     return f"{bound}{tt['steps']:.0f} ({tt['saving']:+.1%}{suffix})"
 
 
+def per_seed_cell(budgets: list[dict[int, tuple[float, float]]],
+                  target_runs: dict[int, tuple[float, float]]) -> str:
+    """Steps-to-target saving seed by seed: each seed's budgets against that seed's full@1.0."""
+    savings = []
+    seeds = sorted(set().union(*budgets))
+    for seed in seeds:
+        run = target_runs.get(seed)
+        tt = steps_to_target([b[seed] for b in budgets if seed in b],
+                             run and run[1], run and run[0])
+        savings.append(tt["saving"])
+    reached = [v for v in savings if v is not None]
+    return f"{fmt(reached, pct=True)} ({len(reached)}/{len(seeds)} seeds reached)"
+
+
 def report(runs: dict[str, dict[str, list]]) -> str:
     table: dict[tuple[str, str], dict[str, dict[int, tuple[float, float]]]] = defaultdict(dict)
     # (scale, corpus) -> arm -> seed -> steps with a reference model's compute added
@@ -126,6 +140,9 @@ def report(runs: dict[str, dict[str, list]]) -> str:
                       if arms[m]]
             tt = steps_to_target(points, target, target_steps) if len(members) > 1 else None
             tt_cell = target_cell(tt)
+            if tt is not None and tt["status"] != "no runs":
+                tt_cell += "; per seed " + per_seed_cell(
+                    [arms[m] for m in members], full["full@1.0"])
             diffs = [] if diff is None else [v for v in diff["per_seed"].values() if v is not None]
             better = "" if diff is None else "{}/{}".format(diff["better"], diff["n"])
             losses = ", ".join(f"{v[1]:.4f}" for _, v in sorted(base.items()))

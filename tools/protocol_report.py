@@ -22,7 +22,7 @@ steps (read on each seed's full@F budgets: is the arm below the full-data fronti
 saving at the arm's final loss against the full-data frontier (built
 from the full@F means; where a reference model's compute is given, the same saving with it
 counted), and, where the arm ran at several budgets (ARM@X), the steps its own frontier needs to
-reach full@1.0's mean loss.
+reach full@1.0's mean loss (and, per seed, that seed's full@1.0 loss).
 """
 from __future__ import annotations
 

@@ -304,6 +304,20 @@ def steps_to_target(points: Sequence[tuple[float, float]], target: Optional[floa
     return out
 
 
+def per_seed_to_target(seeds: Sequence[int],
+                       budgets: Sequence[dict[int, tuple[float, float]]],
+                       target_runs: dict[int, tuple[float, float]],
+                       extra_steps: float = 0.0) -> dict[int, dict[str, Any]]:
+    """``steps_to_target`` seed by seed: each seed's (steps, loss) at every budget against that
+    seed's own target run (steps, loss); a seed without a target run gets ``no runs``."""
+    out = {}
+    for seed in seeds:
+        run = target_runs.get(seed)
+        out[seed] = steps_to_target([b[seed] for b in budgets if seed in b],
+                                    run and run[1], run and run[0], extra_steps)
+    return out
+
+
 def paired_difference(policy: dict[int, tuple[float, float]],
                       control: dict[int, Sequence[tuple[float, float]]],
                       extra_steps: float = 0.0) -> dict[str, Any]:
@@ -1266,14 +1280,12 @@ def analyze_policies(arms: Sequence[Arm], runs: dict[str, dict[int, dict]],
             continue
         mean_tt = steps_to_target(points, target, target_steps, extra)
         seeds = sorted({s for a in fam_arms for s in runs.get(a.name, {})})
-        per_seed = {}
-        for seed in seeds:
-            pts = [(runs[a.name][seed]["optimizer_steps"], runs[a.name][seed]["final_loss"])
-                   for a in fam_arms if seed in runs.get(a.name, {})
-                   and runs[a.name][seed].get("optimizer_steps") is not None]
-            tr = target_runs.get(seed)
-            per_seed[seed] = steps_to_target(pts, tr and tr["final_loss"],
-                                             tr and tr["optimizer_steps"], extra)
+        finished = [{s: (r["optimizer_steps"], r["final_loss"])
+                     for s, r in runs.get(a.name, {}).items()
+                     if r.get("optimizer_steps") is not None} for a in fam_arms]
+        per_seed = per_seed_to_target(
+            seeds, finished, {s: (r["optimizer_steps"], r["final_loss"])
+                              for s, r in target_runs.items()}, extra)
         entry: dict[str, Any] = {
             "budgets": budgets, "to_target": mean_tt, "per_seed": per_seed,
             "per_seed_saving": spread([v["saving"] for v in per_seed.values()]),

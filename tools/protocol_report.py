@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ttq import (build_frontier, frontier_time, paired_difference, saving,  # noqa: E402
-                       steps_to_target)
+from bench_ttq import (build_frontier, frontier_time, paired_difference,  # noqa: E402
+                       per_seed_to_target, saving, steps_to_target)
 
 
 def family(arm: str) -> str:
@@ -67,14 +67,9 @@ def target_cell(tt: dict | None) -> str:
 def per_seed_cell(budgets: list[dict[int, tuple[float, float]]],
                   target_runs: dict[int, tuple[float, float]]) -> str:
     """Steps-to-target saving seed by seed: each seed's budgets against that seed's full@1.0."""
-    savings = []
     seeds = sorted(set().union(*budgets))
-    for seed in seeds:
-        run = target_runs.get(seed)
-        tt = steps_to_target([b[seed] for b in budgets if seed in b],
-                             run and run[1], run and run[0])
-        savings.append(tt["saving"])
-    reached = [v for v in savings if v is not None]
+    per_seed = per_seed_to_target(seeds, budgets, target_runs)
+    reached = [tt["saving"] for tt in per_seed.values() if tt["saving"] is not None]
     return f"{fmt(reached, pct=True)} ({len(reached)}/{len(seeds)} seeds reached)"
 
 

@@ -144,14 +144,16 @@ def test_protocol_report_reads_steps_to_target_on_a_policys_own_frontier(tmp_pat
 
 
 def test_protocol_report_counts_a_reference_model_and_filters_keys(tmp_path, capsys):
-    """An arm that paid for a reference model (bench_ttq's cost_steps) gets a second saving with
-    that compute added; FILE::PATTERN keeps only the matching keys of a file."""
+    """An arm that paid for a reference model (bench_ttq's cost_steps) gets a second saving and a
+    second steps-to-target with that compute added; FILE::PATTERN keeps only the matching keys of
+    a file."""
     import json
     report = _tool("protocol_report")
     (tmp_path / "c" / "code").mkdir(parents=True)
     (tmp_path / "c" / "code" / "ttq.json").write_text(json.dumps({"runs": {
         "random": {"0": {"optimizer_steps": 70, "final_loss": 4.6, "cost_steps": 70}},
-        "rho": {"0": {"optimizer_steps": 70, "final_loss": 4.3, "cost_steps": 75}}}}))
+        "rho": {"0": {"optimizer_steps": 70, "final_loss": 4.3, "cost_steps": 75}},
+        "rho@1.3": {"0": {"optimizer_steps": 90, "final_loss": 3.8, "cost_steps": 95}}}}))
     frontier = tmp_path / "full.json"
     frontier.write_text(json.dumps({"s|code|full@0.5": {"0": [50, 5.0]},
                                     "s|code|full@1.0": {"0": [100, 4.0]},
@@ -168,5 +170,9 @@ def test_protocol_report_counts_a_reference_model_and_filters_keys(tmp_path, cap
     # pays nothing: +0.0% twice
     assert "| saving at final loss | saving, reference counted |" in text
     assert "| +17.6% | +11.8% |" in text and "| +0.0% | +0.0% |" in text
+    # rho's own frontier (70, 4.3) -> (90, 3.8) reaches 4.0 at 70 + 20 * 0.3 / 0.5 = 82 steps,
+    # and with the reference's 5 steps counted 87
+    assert ("| 82 (+18.0%); per seed +18.0% (1/1 seeds reached); "
+            "reference counted 87 (+13.0%) |") in text
     with pytest.raises(SystemExit):
         report.main([f"{frontier}::nothing|*"])

@@ -701,7 +701,7 @@ def test_load_run_subtracts_evaluation_time(tmp_path):
         bm.load_run(path)
 
 
-def test_resume_reuses_only_identical_finished_runs(tmp_path):
+def test_resume_reuses_only_identical_finished_runs(tmp_path, capsys):
     args = bm.parse_args(["--out", str(tmp_path), "--arms", "random", "--seeds", "0",
                           "--model", "tiny"])
     run = bm.make_run(args, args.corpus_list[0], args.arm_list[0], 0)
@@ -718,6 +718,14 @@ def test_resume_reuses_only_identical_finished_runs(tmp_path):
                            "--model", "tiny", "--lr", "0.01"])
     other = bm.make_run(args2, args2.corpus_list[0], args2.arm_list[0], 0)
     assert other.dir == run.dir and not other.finished()  # another config: run again
+    # --dry-run --resume tells which runs a call would reuse, before any device time is spent
+    argv = ["--out", str(tmp_path), "--arms", "random,full@0.5", "--seeds", "0", "--model",
+            "tiny", "--dry-run"]
+    assert bm.main([*argv, "--resume"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "# reused (--resume): random seed 0"
+    assert "--budget-fraction 0.5" in lines[1] and lines[2] == "# 1 to run, 1 reused (--resume)"
+    assert bm.main(argv) == 0 and "reused" not in capsys.readouterr().out
 
 
 def test_resume_reuses_a_run_copied_from_another_machine(tmp_path):

@@ -1644,7 +1644,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="reuse runs in --out that finished with the identical config and command")
     p.add_argument("--run-plots", action="store_true", help="also write each run's metrics.png")
-    p.add_argument("--dry-run", action="store_true", help="print the runs' commands and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs' commands and exit (with --resume, the runs it would "
+                        "reuse as '# reused' lines)")
     p.add_argument("--reanalyze", action="store_true",
                    help="run nothing: rebuild the reports from the runs' metrics already in "
                         "--out (e.g. copied from the GPU host); unfinished runs are left out")
@@ -1726,8 +1728,17 @@ def main(argv=None) -> int:
     refs = [make_reference(args, c) for c in corpora
             if ("" if c.flat else c.name) in needing]
     if args.dry_run:
+        # With --resume, say which runs the call would reuse: a plan checked before a device
+        # call should show what that call will spend its time on.
+        reused = 0
         for run in [*refs, *plan]:
-            print(" ".join(run.command))
+            if args.resume and run.finished():
+                reused += 1
+                print(f"# reused (--resume): {run.label}")
+            else:
+                print(" ".join(run.command))
+        if args.resume:
+            print(f"# {len(refs) + len(plan) - reused} to run, {reused} reused (--resume)")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, dict[int, dict]]] = {

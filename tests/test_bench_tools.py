@@ -129,6 +129,7 @@ def test_protocol_report_reads_steps_to_target_on_a_policys_own_frontier(tmp_pat
         "s|code|full@1.0": {"0": [100, 4.0], "1": [100, 4.2]},    # target 4.1 at 100 steps
         "s|code|slow": {"0": [80, 4.5]}, "s|code|slow@1.3": {"0": [104, 4.0]},
         "s|code|fast": {"0": [80, 4.05]}, "s|code|fast@1.3": {"0": [104, 3.9]},
+        "s|code|stuck": {"0": [80, 4.6]}, "s|code|stuck@1.2": {"0": [96, 4.3]},
         "s|prose|fast": {"0": [80, 4.05]}, "s|prose|fast@1.3": {"0": [104, 3.9]}}))
     assert report.main([str(runs)]) == 0
     text = capsys.readouterr().out
@@ -139,6 +140,10 @@ def test_protocol_report_reads_steps_to_target_on_a_policys_own_frontier(tmp_pat
     # fast: its 80-step run already ends below 4.1: at most 80 steps, a saving of at least 20%;
     # seed 0 reaches 4.0 at 80 + 24 * 0.05 / 0.15 = 88 steps: +12.0%
     assert "| ≤ 80 (+20.0%, smallest budget); per seed +12.0% (1/1 seeds reached) |" in text
+    # stuck: its longest budget (96 steps) ends at 4.3, above 4.1, so it needs more than 96
+    # steps: a saving below 1 - 96/100
+    assert "| not reached (best 4.3000 at 96, saving < +4.0%); per seed – (0/1 seeds reached) |" \
+        in text
     prose = text.split("## s, prose")[1]
     assert "target: no full@1.0 run" in prose and prose.rstrip().endswith("| – |")
 

@@ -128,7 +128,16 @@ def test_steps_to_target_not_reached_names_the_best_point():
     assert tt["status"] == "not reached"
     assert tt["steps"] is None and tt["saving"] is None and tt["cost_saving"] is None
     assert (tt["best_loss"], tt["best_steps"]) == (3.2, 180.0)
-    assert bm._to_target_cell(tt) == "not reached, best 3.2000 at 180 steps"
+    # It needs more than its longest budget's 180 steps: a saving below 1 - 180 / 200.
+    assert tt["saving_below"] == pytest.approx(0.1)
+    assert bm._to_target_cell(tt) == "not reached (saving < +10.0%), best 3.2000 at 180 steps"
+    # A reference model's 10 steps lower the bound to 1 - 190 / 200.
+    counted = bm.steps_to_target([(100.0, 4.0), (180.0, 3.2)], 3.1, 200.0, extra_steps=10.0)
+    assert counted["cost_saving_below"] == pytest.approx(0.05)
+    assert bm._to_target_cell(counted, cost=True).startswith("not reached (saving < +5.0%)")
+    # The bound is the longest budget's, even when a shorter one ended lower (running minimum).
+    noisy = bm.steps_to_target([(100.0, 4.0), (140.0, 3.2), (180.0, 3.3)], 3.1, 200.0)
+    assert noisy["best_steps"] == 140.0 and noisy["saving_below"] == pytest.approx(0.1)
     assert bm.steps_to_target([], 3.0, 100.0)["status"] == "no runs"
     assert bm.steps_to_target([(1.0, 2.0)], None, 100.0)["status"] == "no runs"
 
@@ -321,7 +330,7 @@ def test_policy_frontier_per_corpus_seed_means_and_per_seed():
     assert prose["attent-soft"]["to_target"]["best_loss"] == pytest.approx(4.55)
     assert prose["random"]["to_target"]["status"] == "not reached"
     md = bm.markdown(arms, bm.analyze(arms, corpora["prose"]), "prose", epochs=2)
-    assert "not reached, best 4.5500 at 240 steps" in md
+    assert "not reached (saving < -20.0%), best 4.5500 at 240 steps" in md   # 1 - 240 / 200
     assert "1/2 seeds better" in md and "| attent-soft@1.5 | 3 |" in md
 
 
@@ -349,7 +358,7 @@ def test_summary_worst_corpus_and_mean_over_corpora():
     assert "vs_random" not in rows["random"]
     md = bm.summary_markdown(rows, ["code", "prose"], [0, 1])
     line = next(x for x in md.splitlines() if x.startswith("| attent-soft |"))
-    assert "not reached (prose)" in line and "3/4" in line and "no (prose)" in line
+    assert "not reached (prose < -20.0%)" in line and "3/4" in line and "no (prose)" in line
     assert f"{a_prose:+.1%} (prose) / {(a_code + a_prose) / 2:+.1%}" in line
 
     # On code alone it beats random (both seeds, negative mean).

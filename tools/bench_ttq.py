@@ -277,6 +277,8 @@ def steps_to_target(points: Sequence[tuple[float, float]], target: Optional[floa
       target, so ``steps`` (that run's) is an upper bound and ``saving`` a lower bound
       (``bound`` = True); a smaller X would tell how much lower;
     - ``not reached``: its best budget ends above the target (``best_loss`` at ``best_steps``);
+      it needs more steps than its longest budget ran, so ``saving_below`` (``cost_saving_below``)
+      bounds its saving from above: a dense X grid reads that as "under +1%", not as "no data";
     - ``no runs``: no point, or no target.
 
     ``saving = 1 - steps / target_steps``; ``cost_saving`` the same with ``cost_steps = steps +
@@ -284,7 +286,8 @@ def steps_to_target(points: Sequence[tuple[float, float]], target: Optional[floa
     """
     out: dict[str, Any] = {"status": "no runs", "steps": None, "cost_steps": None,
                            "saving": None, "cost_saving": None, "bound": False,
-                           "best_loss": None, "best_steps": None, "frontier": []}
+                           "best_loss": None, "best_steps": None, "frontier": [],
+                           "saving_below": None, "cost_saving_below": None}
     if not points or target is None:
         return out
     front = build_frontier(points)
@@ -292,7 +295,9 @@ def steps_to_target(points: Sequence[tuple[float, float]], target: Optional[floa
     best_steps = next(t for t, loss in front if loss == best_loss)  # the earliest at that loss
     out.update(frontier=[list(p) for p in front], best_loss=best_loss, best_steps=best_steps)
     if target < best_loss:
-        out["status"] = "not reached"
+        longest = front[-1][0]
+        out.update(status="not reached", saving_below=saving(longest, target_steps),
+                   cost_saving_below=saving(longest + extra_steps, target_steps))
         return out
     if target > front[0][1]:
         out.update(status="reached by the smallest budget", steps=front[0][0], bound=True)
@@ -418,6 +423,8 @@ def summarize(results: dict[str, dict], families: Sequence[str]) -> dict[str, An
         b = combine({c: p and p["to_target"]["cost_saving"] for c, p in pols.items()})
         b["status"] = {c: p["to_target"]["status"] if p else "no runs" for c, p in pols.items()}
         b["bound"] = {c: bool(p and p["to_target"]["bound"]) for c, p in pols.items()}
+        b["below"] = {c: p["to_target"]["cost_saving_below"] for c, p in pols.items()
+                      if p and p["to_target"]["status"] == "not reached"}
         not_reached = [c for c, s in b["status"].items() if s == "not reached"]
         if not_reached:  # never reaching the target is worse than any saving
             b.update(worst=None, worst_corpus=not_reached[0], mean=None)
@@ -1344,7 +1351,9 @@ def _to_target_cell(tt: dict, cost: bool = False) -> str:
     if tt["status"] == "no runs":
         return "–"
     if tt["status"] == "not reached":
-        return f"not reached, best {tt['best_loss']:.4f} at {tt['best_steps']:,.0f} steps"
+        below = tt["cost_saving_below"] if cost else tt["saving_below"]
+        bound = f" (saving < {_pct(below)})" if below is not None else ""
+        return f"not reached{bound}, best {tt['best_loss']:.4f} at {tt['best_steps']:,.0f} steps"
     steps, sav = (tt["cost_steps"], tt["cost_saving"]) if cost else (tt["steps"], tt["saving"])
     if tt["bound"]:
         return f"≤ {steps:,.0f} (smallest budget), ≥ {_pct(sav)}"
@@ -1477,7 +1486,9 @@ def summary_markdown(rows: dict[str, Any], corpora: Sequence[str], seeds: Sequen
     for fam, row in rows.items():
         a, b = row["saving_at_final"], row["saving_to_target"]
         if row["not_reached"]:
-            bcell = f"not reached ({', '.join(row['not_reached'])})"
+            bcell = "not reached (" + ", ".join(
+                c if b["below"].get(c) is None else f"{c} < {_pct(b['below'][c])}"
+                for c in row["not_reached"]) + ")"
         else:
             bound = "≥ " if any(b["bound"].values()) else ""
             bcell = pair(b, lambda v: bound + _pct(v))

@@ -59,7 +59,8 @@ def target_cell(tt: dict | None) -> str:
     if tt is None or tt["status"] == "no runs":
         return "–"
     if tt["status"] == "not reached":
-        return f"not reached (best {tt['best_loss']:.4f} at {tt['best_steps']:.0f})"
+        below = "" if tt["saving_below"] is None else f", saving < {tt['saving_below']:+.1%}"
+        return f"not reached (best {tt['best_loss']:.4f} at {tt['best_steps']:.0f}{below})"
     bound = "≤ " if tt["bound"] else ""
     suffix = ", smallest budget" if tt["bound"] else ""
     return f"{bound}{tt['steps']:.0f} ({tt['saving']:+.1%}{suffix})"
@@ -148,6 +149,8 @@ def report(runs: dict[str, dict[str, list]]) -> str:
                 if extra and tt["cost_steps"] is not None:
                     tt_cell += (f"; reference counted {tt['cost_steps']:.0f} "
                                 f"({tt['cost_saving']:+.1%})")
+                elif extra and tt["cost_saving_below"] is not None:
+                    tt_cell += f"; reference counted, saving < {tt['cost_saving_below']:+.1%}"
             diffs = [] if diff is None else [v for v in diff["per_seed"].values() if v is not None]
             better = "" if diff is None else "{}/{}".format(diff["better"], diff["n"])
             losses = ", ".join(f"{v[1]:.4f}" for _, v in sorted(base.items()))

@@ -277,8 +277,8 @@ def steps_to_target(points: Sequence[tuple[float, float]], target: Optional[floa
       target, so ``steps`` (that run's) is an upper bound and ``saving`` a lower bound
       (``bound`` = True); a smaller X would tell how much lower;
     - ``not reached``: its best budget ends above the target (``best_loss`` at ``best_steps``);
-      it needs more steps than its longest budget ran, so ``saving_below`` (``cost_saving_below``)
-      bounds its saving from above: a dense X grid reads that as "under +1%", not as "no data";
+      it needs more steps than its longest budget ran, so ``saving_below`` (``cost_saving_below``
+      with ``extra_steps``) bounds its saving from above: a measured "below +1%", not a gap;
     - ``no runs``: no point, or no target.
 
     ``saving = 1 - steps / target_steps``; ``cost_saving`` the same with ``cost_steps = steps +
